@@ -1,0 +1,173 @@
+"""Adapter configuration: which linears get experts, how many, how they are routed.
+
+Every field is documented and validated in ``__post_init__``; an invalid value
+raises ``ValueError`` naming the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from loramoe_ds.allocation import experts_per_layer, parse_pattern
+
+ROUTERS = ("soft", "topk")
+LORAMOE_TARGETS = ("gate_proj", "up_proj", "down_proj")
+MOLA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    """Mixture-of-LoRA-experts adapter settings (LoRAMoE and MoLA)."""
+
+    target_modules: tuple[str, ...] = LORAMOE_TARGETS
+    """Name suffixes of the ``nn.Linear`` modules that get experts (LoRAMoE:
+    the FFN ``gate_proj, up_proj, down_proj``; MoLA: ``q,k,v,o,gate,up,down``)."""
+
+    rank: int = 4
+    """LoRA rank ``r`` of every expert."""
+
+    alpha: float = 32.0
+    """LoRA alpha; the mixture is scaled by ``alpha / rank``."""
+
+    dropout: float = 0.05
+    """Dropout on the expert input (the router sees ``x`` without dropout). One
+    mask is shared by all experts of a linear (the fused path); the original
+    LoRAMoE code drew one mask per expert."""
+
+    router: str = "soft"
+    """``"soft"``: dense softmax over all experts (LoRAMoE); ``"topk"``: keep the
+    ``top_k`` largest softmax probabilities and renormalise (MoLA)."""
+
+    top_k: int = 2
+    """Experts per token for ``router="topk"``."""
+
+    num_experts: int | list[int] | str = 6
+    """Experts per decoder layer: an int, a list with one int per layer, a MoLA
+    digit pattern (``"2468"``: four equal layer groups, bottom to top), or a name
+    (``rectangle, triangle, inverted_triangle, hourglass``)."""
+
+    lbc_delta: float = 0.1
+    """LoRAMoE localized balancing constraint: importance ``1 +/- delta``."""
+
+    lbc_beta: float = 0.1
+    """Weight of the LBC loss (summed over adapted linears); 0 disables it."""
+
+    load_balance_coef: float = 0.0
+    """Weight of the Switch/MoLA load-balancing loss (summed over layers); MoLA
+    uses 1e-3 when enabled."""
+
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss (summed over adapted linears)."""
+
+    capacity_factor: float | None = None
+    """Top-k only: cap tokens per expert at ``ceil(cf * T * k / E)``; ``None`` is
+    dropless (default)."""
+
+    uniform_routing: bool = False
+    """Debug switch for performance runs: ignore the router and give every token
+    uniform gates (soft) or a fixed round-robin top-k assignment."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        if not self.target_modules or not all(
+            isinstance(t, str) and t for t in self.target_modules
+        ):
+            raise ValueError(
+                f"target_modules={self.target_modules!r}: give one or more non-empty "
+                f"module name suffixes, e.g. {list(LORAMOE_TARGETS)}"
+            )
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank={self.rank!r}: must be an int >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha!r}: must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r}: valid values are {list(ROUTERS)}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k!r}: must be an int >= 1")
+        if isinstance(self.num_experts, str):
+            parse_pattern(self.num_experts)  # raises a clear ValueError
+        elif isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool):
+            if self.num_experts < 1:
+                raise ValueError(f"num_experts={self.num_experts}: must be >= 1")
+        elif isinstance(self.num_experts, (list, tuple)):
+            self.num_experts = list(self.num_experts)
+            experts_per_layer(self.num_experts, len(self.num_experts))
+        else:
+            raise ValueError(
+                f"num_experts={self.num_experts!r}: give an int, a per-layer list of ints, "
+                "or a pattern such as '2468' or 'inverted_triangle'"
+            )
+        if not 0.0 <= self.lbc_delta < 1.0:
+            raise ValueError(f"lbc_delta={self.lbc_delta!r}: must be in [0, 1)")
+        for name in ("lbc_beta", "load_balance_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.capacity_factor is not None:
+            if self.router != "topk":
+                raise ValueError("capacity_factor is only meaningful with router='topk'")
+            if not self.capacity_factor > 0:
+                raise ValueError(f"capacity_factor={self.capacity_factor!r}: must be > 0")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scale ``s = alpha / rank``."""
+        return self.alpha / self.rank
+
+    def layer_experts(self, num_layers: int) -> list[int]:
+        """Experts of each decoder layer, validated against ``top_k``.
+
+        Raises:
+            ValueError: If the allocation does not fit the model or a layer has
+                fewer experts than ``top_k``.
+        """
+        counts = experts_per_layer(self.num_experts, num_layers)
+        if self.router == "topk":
+            for i, c in enumerate(counts):
+                if c < self.top_k:
+                    raise ValueError(
+                        f"layer {i} has {c} experts but top_k={self.top_k}; every layer "
+                        f"needs at least top_k experts (lower top_k or raise num_experts)"
+                    )
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        """Build from a mapping, rejecting unknown keys with the list of valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown adapter field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+
+# Preset helpers used by configs and benchmarks.
+def loramoe_preset(**overrides: Any) -> AdapterConfig:
+    """LoRAMoE defaults (paper: 6 experts, r=4, alpha=32, delta=beta=0.1, FFN)."""
+    return AdapterConfig(**overrides)
+
+
+def mola_preset(**overrides: Any) -> AdapterConfig:
+    """MoLA defaults: top-2 on all projections, '2468', no LBC."""
+    base: dict[str, Any] = dict(
+        target_modules=MOLA_TARGETS,
+        rank=8,
+        alpha=16.0,
+        router="topk",
+        top_k=2,
+        num_experts="2468",
+        lbc_beta=0.0,
+    )
+    base.update(overrides)
+    return AdapterConfig(**base)
+

@@ -1,0 +1,247 @@
+"""Reading and validating instruction records before tokenisation.
+
+A record is ``{instruction, input, output, task_type}`` (``input`` optional,
+``task`` an optional free-form name kept for per-task evaluation). Files are
+JSONL, JSON (an array of objects, or JSON lines under a ``.json`` name) or
+Parquet. Every problem is reported as ``path:N: message`` where ``N`` is the
+1-based line (JSONL) or record number (JSON array, Parquet), so a user can jump
+to it. Nothing is dropped silently: skipped records are counted in
+:class:`DataStats`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loramoe_ds.data.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("instruction", "output", "task_type")
+"""Fields every record must have (``input`` may be missing or empty)."""
+
+MAX_ERROR_EXAMPLES = 20
+"""How many skipped-record messages :class:`DataStats` keeps verbatim."""
+
+
+class DataError(ValueError):
+    """A bad record or file; the message starts with ``path:line:``."""
+
+
+@dataclass
+class DataStats:
+    """Counts of what the pipeline read, kept, skipped and truncated."""
+
+    records_read: int = 0
+    """Records (or lines) seen in the input files, good or bad."""
+
+    records_kept: int = 0
+    """Records that made it into the tokenised dataset."""
+
+    bad_records: int = 0
+    """Records skipped because they were invalid (``skip_bad_records=True``)."""
+
+    bad_by_reason: dict[str, int] = field(default_factory=dict)
+    """Skipped records per reason (e.g. ``"empty output"``)."""
+
+    bad_examples: list[str] = field(default_factory=list)
+    """The first :data:`MAX_ERROR_EXAMPLES` skip messages, ``path:line: ...``."""
+
+    truncated: int = 0
+    """Records whose response was cut to fit ``max_len``."""
+
+    tokens: int = 0
+    """Total tokens (prompt + response) in the kept records."""
+
+    label_tokens: int = 0
+    """Tokens that carry a loss (response + EOS)."""
+
+    cache_hit: bool = False
+    """True when the tokenised dataset was loaded from the on-disk cache."""
+
+    def record_bad(self, err: DataError, reason: str) -> None:
+        """Counts one skipped record."""
+        self.bad_records += 1
+        self.bad_by_reason[reason] = self.bad_by_reason.get(reason, 0) + 1
+        if len(self.bad_examples) < MAX_ERROR_EXAMPLES:
+            self.bad_examples.append(str(err))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataStats:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
+
+    def summary(self) -> str:
+        """One log line with every count (the bad reasons included)."""
+        s = (
+            f"read {self.records_read} records, kept {self.records_kept}, "
+            f"skipped {self.bad_records} bad, truncated {self.truncated}, "
+            f"{self.tokens} tokens ({self.label_tokens} labelled)"
+        )
+        if self.bad_by_reason:
+            s += " | skipped: " + ", ".join(f"{k}={v}" for k, v in self.bad_by_reason.items())
+        return s
+
+
+class _BadRecord(DataError):
+    """Internal: a :class:`DataError` tagged with a short reason for counting."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yields ``(line_or_record_number, raw_object)``; raises on malformed JSON.
+
+    A malformed JSONL line is yielded as a :class:`_BadRecord` instance so the
+    caller can count it and go on.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+        return
+    if suffix == ".json":
+        with path.open("rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            try:
+                with path.open(encoding="utf-8") as f:
+                    rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from e
+            for i, row in enumerate(rows, start=1):
+                yield i, row
+            return
+        # Otherwise a .json file holding JSON lines: fall through.
+    elif suffix not in (".jsonl", ".ndjson"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, _BadRecord(f"{path}:{lineno}: malformed JSON: {e.msg}", "bad json")
+
+
+def validate_record(raw: Any, where: str, cfg: DataConfig) -> dict[str, Any]:
+    """Checks one raw record and normalises it.
+
+    Args:
+        raw: The decoded JSON object / Parquet row.
+        where: ``"path:line"`` prefix for error messages.
+        cfg: Supplies ``task_type_names``.
+
+    Returns:
+        ``{instruction, input, output, task_type: int, task: str}``.
+
+    Raises:
+        DataError: Naming ``where`` and the offending field.
+    """
+    if not isinstance(raw, dict):
+        raise _BadRecord(
+            f"{where}: record must be a JSON object, got {type(raw).__name__}", "not an object"
+        )
+    for name in REQUIRED_FIELDS:
+        if name not in raw or raw[name] is None:
+            raise _BadRecord(f"{where}: missing field '{name}'", f"missing {name}")
+    for name in ("instruction", "output"):
+        if not isinstance(raw[name], str):
+            raise _BadRecord(
+                f"{where}: field '{name}' must be a string, got {type(raw[name]).__name__}",
+                f"wrong type {name}",
+            )
+    inp = raw.get("input")
+    if inp is None:
+        inp = ""
+    if not isinstance(inp, str):
+        raise _BadRecord(
+            f"{where}: field 'input' must be a string, got {type(inp).__name__}",
+            "wrong type input",
+        )
+    if not raw["instruction"].strip():
+        raise _BadRecord(f"{where}: field 'instruction' is empty", "empty instruction")
+    if not raw["output"].strip():
+        raise _BadRecord(f"{where}: field 'output' is empty", "empty output")
+    tt = raw["task_type"]
+    if isinstance(tt, str):
+        if tt not in cfg.task_type_names:
+            raise _BadRecord(
+                f"{where}: field 'task_type' has unknown name {tt!r}; known: "
+                f"{sorted(cfg.task_type_names)} (set DataConfig.task_type_names)",
+                "unknown task_type",
+            )
+        tt = cfg.task_type_names[tt]
+    elif isinstance(tt, bool) or not isinstance(tt, int):
+        raise _BadRecord(
+            f"{where}: field 'task_type' must be 0, 1 or a name, got {type(tt).__name__}",
+            "wrong type task_type",
+        )
+    elif tt not in (0, 1):
+        raise _BadRecord(
+            f"{where}: field 'task_type' is {tt}; must be 1 (world knowledge) or 0 (downstream)",
+            "unknown task_type",
+        )
+    task = raw.get("task", "")
+    return {
+        "instruction": raw["instruction"],
+        "input": inp,
+        "output": raw["output"],
+        "task_type": tt,
+        "task": task if isinstance(task, str) else str(task),
+    }
+
+
+def iter_records(
+    paths: list[Path], cfg: DataConfig, stats: DataStats
+) -> Iterator[dict[str, Any]]:
+    """Yields validated records from ``paths`` in order, each with ``source``/``line``.
+
+    Args:
+        paths: Input files.
+        cfg: Pipeline config (``skip_bad_records``, ``task_type_names``).
+        stats: Updated in place (``records_read``, bad-record counts).
+
+    Raises:
+        DataError: On the first bad record unless ``cfg.skip_bad_records``.
+    """
+    for src_idx, path in enumerate(paths):
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        for lineno, raw in _iter_raw(path):
+            stats.records_read += 1
+            try:
+                if isinstance(raw, _BadRecord):
+                    raise raw
+                rec = validate_record(raw, f"{path}:{lineno}", cfg)
+            except _BadRecord as e:
+                if not cfg.skip_bad_records:
+                    raise DataError(str(e)) from None
+                stats.record_bad(e, e.reason)
+                continue
+            rec["source"] = src_idx
+            rec["line"] = lineno
+            yield rec
+
+
+def count_reasons(messages: list[str]) -> dict[str, int]:
+    """Groups ``path:line: message`` strings by message (for ad-hoc reports)."""
+    return dict(Counter(m.split(": ", 1)[-1] for m in messages))

@@ -1,0 +1,1 @@
+"""Single-device model math: routers, fused experts, losses, injection. No DeepSpeed."""

@@ -1,0 +1,227 @@
+"""Fused low-rank expert compute: a bank of E LoRA experts computed in a few GEMMs.
+
+Shape legend: T tokens, N routed (token, slot) rows, D input dim, O output dim,
+E experts, R LoRA rank, K experts per token.
+
+Expert ``e`` maps ``x -> B_e A_e x`` with ``A_e: R x D`` and ``B_e: O x R``.
+The bank stores ``a_ERD`` (so ``A_cat = a_ERD.view(E*R, D)`` is the paper's
+``[A_1; ...; A_E]``) and ``b_ERO`` (so ``b_ERO.view(E*R, O)`` is ``B_cat^T``).
+
+* Soft routing (every token, every expert): two GEMMs,
+  ``h = x @ A_cat^T``, scale each R-wide block of ``h`` by ``g_e``,
+  ``y = h @ B_cat^T`` (DESIGN section 2).
+* Top-k routing: rows sorted by expert, one grouped GEMM per factor
+  (``torch.nn.functional.grouped_mm`` where it runs, else one padded ``bmm``).
+
+No Python loop over experts on any of these paths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from loramoe_ds.model.router import Routing
+
+
+class ExpertBank(nn.Module):
+    """E LoRA experts of one adapted linear.
+
+    Args:
+        num_experts: E.
+        in_features: D.
+        out_features: O.
+        rank: R.
+
+    ``A`` is Kaiming-uniform initialised (as ``nn.Linear`` and peft's LoRA), ``B``
+    is zero, so the adapted model equals the base model at step 0.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Per-expert Kaiming-uniform over fan_in = D (same bound as nn.Linear(D, R)).
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound)
+            self.lora_B.zero_()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        gates_TE: torch.Tensor | None = None,
+        counts_E: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Entry point (so ZeRO-3's module hooks gather the bank when it is partitioned).
+
+        Exactly one of ``gates_TE`` (soft: :meth:`soft`) or ``counts_E`` (rows
+        grouped by expert: :meth:`grouped`) must be given.
+        """
+        if (gates_TE is None) == (counts_E is None):
+            raise ValueError("pass exactly one of gates_TE (soft) or counts_E (grouped)")
+        if gates_TE is not None:
+            return self.soft(x, gates_TE)
+        return self.grouped(x, counts_E)
+
+    def soft(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
+        """``sum_e g_e B_e A_e x`` for every token: two GEMMs.
+
+        Args:
+            x_TD: Expert input (after dropout).
+            gates_TE: Mixing weights (any float dtype; cast to ``x``'s).
+
+        Returns:
+            ``y_TO`` (unscaled by alpha/r).
+        """
+        E, R = self.num_experts, self.rank
+        h_TX = x_TD @ self.lora_A.reshape(E * R, self.in_features).t()
+        h_TX = (h_TX.view(-1, E, R) * gates_TE.to(h_TX.dtype).unsqueeze(-1)).view(-1, E * R)
+        return h_TX @ self.lora_B.reshape(E * R, self.out_features)
+
+    def grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``B_e A_e x`` for rows already sorted by expert (no gating).
+
+        Args:
+            x_ND: Rows grouped by expert: the first ``counts_E[0]`` rows go to
+                expert 0, the next ``counts_E[1]`` to expert 1, ...
+            counts_E: Rows per expert (sums to N).
+
+        Returns:
+            ``y_NO`` in the same row order.
+        """
+        h_NR = grouped_matmul(x_ND, self.lora_A.transpose(1, 2), counts_E)
+        return grouped_matmul(h_NR, self.lora_B, counts_E)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``grouped_mm``'s CPU backward rejects expanded (stride-0) gradients such as
+    the one produced by ``y.sum().backward()``.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        return g.contiguous()
+
+
+def _grouped_mm_ok(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    if x_NK.dtype != w_EKM.dtype or x_NK.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if x_NK.device.type == "cuda" and x_NK.dtype != torch.bfloat16:
+        return False  # CUDA grouped GEMM kernels are bf16-only
+    size = x_NK.element_size()
+    strides = [x_NK.stride(0), *w_EKM.stride()[1:]]
+    # grouped GEMM kernels need 16-byte aligned leading strides
+    return all((s * size) % 16 == 0 or s == 1 for s in strides) and (
+        x_NK.shape[1] * size % 16 == 0 and w_EKM.shape[2] * size % 16 == 0
+    )
+
+
+def grouped_matmul(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Row-grouped matmul: rows of group e are multiplied by ``w_EKM[e]``.
+
+    Uses ``torch.nn.functional.grouped_mm`` when the dtype and strides allow it,
+    otherwise scatters the rows into one padded ``(E, C, K)`` batch and runs a
+    single ``bmm``. Both are one kernel launch, not a loop over experts.
+
+    Args:
+        x_NK: Rows sorted by group.
+        w_EKM: One ``K x M`` matrix per group.
+        counts_E: Rows per group.
+
+    Returns:
+        ``y_NM``.
+    """
+    E = w_EKM.shape[0]
+    if x_NK.shape[0] == 0:
+        return x_NK.new_zeros(0, w_EKM.shape[2]) + 0 * w_EKM.sum()
+    if _grouped_mm_ok(x_NK, w_EKM):
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        y_NM = torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E)
+        return _ContiguousGrad.apply(y_NM)
+    # Padded bmm fallback.
+    counts_E = counts_E.to(torch.long)
+    capacity = int(counts_E.max().item())
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    group_N = torch.repeat_interleave(torch.arange(E, device=x_NK.device), counts_E)
+    slot_N = torch.arange(x_NK.shape[0], device=x_NK.device) - starts_E[group_N]
+    flat_N = group_N * capacity + slot_N
+    x_pad = x_NK.new_zeros(E * capacity, x_NK.shape[1]).index_copy(0, flat_N, x_NK)
+    y_pad = torch.bmm(x_pad.view(E, capacity, -1), w_EKM)
+    return y_pad.view(E * capacity, -1).index_select(0, flat_N)
+
+
+def sort_by_expert(
+    experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the (token, slot) assignments by expert (stable: token order within).
+
+    Args:
+        experts_TK: Expert index of each (token, slot).
+        num_experts: E.
+        capacity: Optional cap on rows per expert; assignments past it (in token
+            order) are dropped.
+
+    Returns:
+        ``order_N``: indices into the flattened ``T*K`` assignments, grouped by
+        expert; ``counts_E``: rows per expert (after the cap).
+    """
+    flat = experts_TK.reshape(-1)
+    order_N = torch.argsort(flat, stable=True)
+    counts_E = torch.bincount(flat, minlength=num_experts)
+    if capacity is not None:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        sorted_expert_N = flat[order_N]
+        pos_N = torch.arange(order_N.numel(), device=flat.device) - starts_E[sorted_expert_N]
+        order_N = order_N[pos_N < capacity]
+        counts_E = counts_E.clamp(max=capacity)
+    return order_N, counts_E
+
+
+def topk_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
+    """Tokens per expert allowed by a capacity factor (``None``: dropless)."""
+    if factor is None:
+        return None
+    return math.ceil(factor * num_tokens * top_k / num_experts)
+
+
+def local_mixture(
+    bank: ExpertBank, x_TD: torch.Tensor, routing: Routing, capacity_factor: float | None = None
+) -> torch.Tensor:
+    """All experts on this device: ``sum_k g_k B_{e_k} A_{e_k} x`` per token.
+
+    Args:
+        bank: The experts.
+        x_TD: Expert input (after dropout).
+        routing: Gates (and, for top-k, expert indices).
+        capacity_factor: Top-k only; ``None`` is dropless.
+
+    Returns:
+        ``y_TO`` (unscaled by alpha/r).
+    """
+    if routing.is_soft:
+        return bank(x_TD, gates_TE=routing.gates_TK)
+    T, K = routing.experts_TK.shape
+    cap = topk_capacity(T, K, bank.num_experts, capacity_factor)
+    order_N, counts_E = sort_by_expert(routing.experts_TK, bank.num_experts, cap)
+    token_N = order_N // K
+    y_NO = bank(x_TD.index_select(0, token_N), counts_E=counts_E)
+    y_NO = y_NO * routing.gates_TK.reshape(-1).index_select(0, order_N).to(y_NO.dtype)[:, None]
+    return y_NO.new_zeros(T, bank.out_features).index_add(0, token_N, y_NO)

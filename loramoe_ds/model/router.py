@@ -1,0 +1,104 @@
+"""Token routers: dense soft routing (LoRAMoE) and top-k routing (MoLA).
+
+Shape legend: T tokens, D input dim, E experts, K experts per token.
+
+The router is a bias-free linear ``W_r: E x D`` applied to the *undropped*
+input; its logits and the softmax are computed in fp32 whatever the activation
+dtype (STYLE 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """The routing decision for T tokens of one adapted linear.
+
+    Attributes:
+        logits_TE: fp32 router logits.
+        probs_TE: fp32 softmax of the logits (the ``w`` of the aux losses).
+        gates_TK: fp32 mixing weights. Soft: ``probs_TE`` itself (K == E).
+            Top-k: the k largest probabilities, renormalised to sum to 1.
+        experts_TK: Expert index of each gate (top-k); ``None`` for soft routing,
+            where gate ``k`` belongs to expert ``k``.
+    """
+
+    logits_TE: torch.Tensor
+    probs_TE: torch.Tensor
+    gates_TK: torch.Tensor
+    experts_TK: torch.Tensor | None
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[-1]
+
+    @property
+    def is_soft(self) -> bool:
+        return self.experts_TK is None
+
+
+class Router(nn.Module):
+    """Per-token gate over E LoRA experts.
+
+    ``soft`` (LoRAMoE, Dou et al. 2023): ``g = softmax(W_r x)`` over all experts.
+    ``topk`` (MoLA, Gao et al. 2024): ``p = softmax(W_r x)``, keep the ``k``
+    largest, renormalise: ``g_i = p_i / sum_{j in topk} p_j``.
+
+    Args:
+        in_features: D, the input width of the adapted linear.
+        num_experts: E.
+        mode: ``"soft"`` or ``"topk"``.
+        top_k: K for ``"topk"``.
+        uniform: Debug switch: ignore the logits' values for the gates (uniform
+            soft gates; a deterministic round-robin top-k assignment). Logits and
+            probabilities are still computed so aux losses keep their shape.
+    """
+
+    def __init__(
+        self, in_features: int, num_experts: int, mode: str, top_k: int, uniform: bool = False
+    ):
+        super().__init__()
+        if mode not in ("soft", "topk"):
+            raise ValueError(f"router mode {mode!r}: valid values are ['soft', 'topk']")
+        if mode == "topk" and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.num_experts = num_experts
+        self.mode = mode
+        self.top_k = top_k
+        self.uniform = uniform
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        """Route T tokens.
+
+        Args:
+            x_TD: Tokens, any float dtype.
+
+        Returns:
+            The :class:`Routing` (all fp32).
+        """
+        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float())
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        if self.mode == "soft":
+            gates_TE = probs_TE
+            if self.uniform:
+                gates_TE = torch.full_like(probs_TE, 1.0 / self.num_experts)
+            return Routing(logits_TE, probs_TE, gates_TE, None)
+        if self.uniform:
+            T = x_TD.shape[0]
+            start_T = torch.arange(T, device=x_TD.device) % self.num_experts
+            offs_K = torch.arange(self.top_k, device=x_TD.device)
+            experts_TK = (start_T[:, None] + offs_K[None, :]) % self.num_experts
+            gates_TK = torch.full(
+                (T, self.top_k), 1.0 / self.top_k, device=x_TD.device, dtype=torch.float32
+            )
+            return Routing(logits_TE, probs_TE, gates_TK, experts_TK)
+        top_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        gates_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+        return Routing(logits_TE, probs_TE, gates_TK, experts_TK)

@@ -1,0 +1,53 @@
+"""Tiny causal LMs built in-process (tests, CI, the README's quick run).
+
+Nothing is downloaded: configs are written here and weights are random.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 128, layers: int = 4, hidden: int = 32):
+    """A small transformers config of the given architecture.
+
+    Args:
+        arch: One of ``llama, qwen2, mistral``.
+        vocab_size: V.
+        layers: Decoder layers.
+        hidden: Hidden size (intermediate = 2x, 4 heads, 2 KV heads).
+
+    Raises:
+        ValueError: For an unknown architecture.
+    """
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    raise ValueError(f"unknown tiny architecture {arch!r}; valid: {list(ARCHS)}")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kw):
+    """A randomly initialised tiny causal LM (fp32, eval-mode dropout free)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model
