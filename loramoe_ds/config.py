@@ -170,4 +170,3 @@ def mola_preset(**overrides: Any) -> AdapterConfig:
     )
     base.update(overrides)
     return AdapterConfig(**base)
-

@@ -195,7 +195,9 @@ def sort_by_expert(
     return order_N, counts_E
 
 
-def topk_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
+def topk_capacity(
+    num_tokens: int, top_k: int, num_experts: int, factor: float | None
+) -> int | None:
     """Tokens per expert allowed by a capacity factor (``None``: dropless)."""
     if factor is None:
         return None

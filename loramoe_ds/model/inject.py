@@ -358,6 +358,8 @@ def load_adapter(base: nn.Module, path: str | Path) -> LoRAMoEModel:
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != state[n].shape:
-                raise ValueError(f"{w_file}: {n} has shape {tuple(state[n].shape)}, model {p.shape}")
+                raise ValueError(
+                    f"{w_file}: {n} has shape {tuple(state[n].shape)}, model {p.shape}"
+                )
             p.copy_(state[n].to(p.dtype))
     return model

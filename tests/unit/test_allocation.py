@@ -1,0 +1,87 @@
+"""MoLA allocations and adapter-config validation."""
+
+import pytest
+
+from loramoe_ds.allocation import NAMED_PATTERNS, experts_per_layer, group_sizes, parse_pattern
+from loramoe_ds.config import AdapterConfig
+
+
+def test_2468_on_32_layers():
+    counts = experts_per_layer("2468", 32)
+    assert counts == [2] * 8 + [4] * 8 + [6] * 8 + [8] * 8
+    assert sum(counts) == 160
+
+
+def test_split_rule_on_30_layers_lower_groups_take_extra():
+    assert group_sizes(30, 4) == [8, 8, 7, 7]
+    counts = experts_per_layer("2468", 30)
+    assert counts == [2] * 8 + [4] * 8 + [6] * 7 + [8] * 7
+
+
+@pytest.mark.parametrize("name,pattern", list(NAMED_PATTERNS.items()))
+def test_named_patterns(name, pattern):
+    assert experts_per_layer(name, 8) == experts_per_layer(pattern, 8)
+
+
+def test_named_values():
+    assert NAMED_PATTERNS["inverted_triangle"] == "2468"
+    assert NAMED_PATTERNS["triangle"] == "8642"
+    assert NAMED_PATTERNS["hourglass"] == "8228"
+    assert NAMED_PATTERNS["rectangle"] == "5555"
+
+
+def test_int_list_and_comma_forms():
+    assert experts_per_layer(3, 4) == [3, 3, 3, 3]
+    assert experts_per_layer([1, 2, 3], 3) == [1, 2, 3]
+    assert experts_per_layer("2,16", 4) == [2, 2, 16, 16]
+    assert parse_pattern("8642") == [8, 6, 4, 2]
+
+
+@pytest.mark.parametrize("bad", ["", "24x8", "2408", "diamond", "2,,4", "-2"])
+def test_invalid_patterns_raise_clear_error(bad):
+    with pytest.raises(ValueError, match="pattern|empty"):
+        experts_per_layer(bad, 8)
+
+
+def test_bad_list_and_too_many_groups():
+    with pytest.raises(ValueError, match="3 entries but the model has 4 layers"):
+        experts_per_layer([1, 2, 3], 4)
+    with pytest.raises(ValueError, match="cannot split 3 layers into 4 groups"):
+        experts_per_layer("2468", 3)
+    with pytest.raises(ValueError, match=r"num_experts\[1\]"):
+        experts_per_layer([1, 0], 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(router="dense"), "router='dense'.*soft.*topk"),
+        (dict(rank=0), "rank=0"),
+        (dict(alpha=0), "alpha=0"),
+        (dict(dropout=1.0), "dropout=1.0"),
+        (dict(top_k=0, router="topk"), "top_k=0"),
+        (dict(num_experts="9x"), "invalid expert pattern"),
+        (dict(num_experts=0), "num_experts=0"),
+        (dict(num_experts=2.5), "num_experts=2.5"),
+        (dict(lbc_delta=1.5), "lbc_delta"),
+        (dict(lbc_beta=-1), "lbc_beta"),
+        (dict(target_modules=()), "target_modules"),
+        (dict(capacity_factor=1.0), "only meaningful with router='topk'"),
+    ],
+)
+def test_config_validation_messages(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        AdapterConfig(**kwargs)
+
+
+def test_topk_needs_enough_experts_per_layer():
+    cfg = AdapterConfig(router="topk", top_k=3, num_experts="2468")
+    with pytest.raises(ValueError, match="layer 0 has 2 experts but top_k=3"):
+        cfg.layer_experts(8)
+
+
+def test_from_dict_rejects_unknown_field():
+    with pytest.raises(ValueError, match="unknown adapter field.*'ranks'"):
+        AdapterConfig.from_dict({"ranks": 4})
+    cfg = AdapterConfig(num_experts=[2, 4])
+    assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
