@@ -51,3 +51,46 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw):
     cfg = tiny_config(arch, **kw)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     return model
+
+
+def tiny_tokenizer(corpus_files, out_dir, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on local text (no download), cached in ``out_dir``.
+
+    Args:
+        corpus_files: JSONL/text files whose text trains the tokenizer (e.g. the
+            shipped demo data).
+        out_dir: Cache directory; reused when it already holds ``tokenizer.json``.
+        vocab_size: Vocabulary size.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with ``<s>``, ``</s>``, ``<pad>``, ``<unk>``.
+    """
+    from pathlib import Path
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from loramoe_ds.io import atomic_dir
+
+    out = Path(out_dir)
+    if not (out / "tokenizer.json").is_file():
+        texts = []
+        for f in corpus_files:
+            texts.extend(Path(f).read_text().splitlines())
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(
+            texts,
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+            show_progress=False,
+        )
+        with atomic_dir(out) as tmp:
+            bpe.save(str(tmp / "tokenizer.json"))
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(out / "tokenizer.json"),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )

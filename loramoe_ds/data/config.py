@@ -37,9 +37,7 @@ class DataConfig:
     """System message for the chat template; ``None`` keeps the template's
     default (SmolLM2 inserts a ~20-token one)."""
 
-    task_type_names: dict[str, int] = field(
-        default_factory=lambda: dict(DEFAULT_TASK_TYPE_NAMES)
-    )
+    task_type_names: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_TASK_TYPE_NAMES))
     """Maps string ``task_type`` values in the data to the ints 0/1."""
 
     skip_bad_records: bool = False

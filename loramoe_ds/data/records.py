@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,7 +92,7 @@ class DataStats:
         return s
 
 
-class _BadRecord(DataError):
+class _BadRecordError(DataError):
     """Internal: a :class:`DataError` tagged with a short reason for counting."""
 
     def __init__(self, message: str, reason: str) -> None:
@@ -104,7 +103,7 @@ class _BadRecord(DataError):
 def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
     """Yields ``(line_or_record_number, raw_object)``; raises on malformed JSON.
 
-    A malformed JSONL line is yielded as a :class:`_BadRecord` instance so the
+    A malformed JSONL line is yielded as a :class:`_BadRecordError` instance so the
     caller can count it and go on.
     """
     suffix = path.suffix.lower()
@@ -139,7 +138,10 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                yield lineno, _BadRecord(f"{path}:{lineno}: malformed JSON: {e.msg}", "bad json")
+                yield (
+                    lineno,
+                    _BadRecordError(f"{path}:{lineno}: malformed JSON: {e.msg}", "bad json"),
+                )
 
 
 def validate_record(raw: Any, where: str, cfg: DataConfig) -> dict[str, Any]:
@@ -157,15 +159,15 @@ def validate_record(raw: Any, where: str, cfg: DataConfig) -> dict[str, Any]:
         DataError: Naming ``where`` and the offending field.
     """
     if not isinstance(raw, dict):
-        raise _BadRecord(
+        raise _BadRecordError(
             f"{where}: record must be a JSON object, got {type(raw).__name__}", "not an object"
         )
     for name in REQUIRED_FIELDS:
         if name not in raw or raw[name] is None:
-            raise _BadRecord(f"{where}: missing field '{name}'", f"missing {name}")
+            raise _BadRecordError(f"{where}: missing field '{name}'", f"missing {name}")
     for name in ("instruction", "output"):
         if not isinstance(raw[name], str):
-            raise _BadRecord(
+            raise _BadRecordError(
                 f"{where}: field '{name}' must be a string, got {type(raw[name]).__name__}",
                 f"wrong type {name}",
             )
@@ -173,30 +175,30 @@ def validate_record(raw: Any, where: str, cfg: DataConfig) -> dict[str, Any]:
     if inp is None:
         inp = ""
     if not isinstance(inp, str):
-        raise _BadRecord(
+        raise _BadRecordError(
             f"{where}: field 'input' must be a string, got {type(inp).__name__}",
             "wrong type input",
         )
     if not raw["instruction"].strip():
-        raise _BadRecord(f"{where}: field 'instruction' is empty", "empty instruction")
+        raise _BadRecordError(f"{where}: field 'instruction' is empty", "empty instruction")
     if not raw["output"].strip():
-        raise _BadRecord(f"{where}: field 'output' is empty", "empty output")
+        raise _BadRecordError(f"{where}: field 'output' is empty", "empty output")
     tt = raw["task_type"]
     if isinstance(tt, str):
         if tt not in cfg.task_type_names:
-            raise _BadRecord(
+            raise _BadRecordError(
                 f"{where}: field 'task_type' has unknown name {tt!r}; known: "
                 f"{sorted(cfg.task_type_names)} (set DataConfig.task_type_names)",
                 "unknown task_type",
             )
         tt = cfg.task_type_names[tt]
     elif isinstance(tt, bool) or not isinstance(tt, int):
-        raise _BadRecord(
+        raise _BadRecordError(
             f"{where}: field 'task_type' must be 0, 1 or a name, got {type(tt).__name__}",
             "wrong type task_type",
         )
     elif tt not in (0, 1):
-        raise _BadRecord(
+        raise _BadRecordError(
             f"{where}: field 'task_type' is {tt}; must be 1 (world knowledge) or 0 (downstream)",
             "unknown task_type",
         )
@@ -210,9 +212,7 @@ def validate_record(raw: Any, where: str, cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def iter_records(
-    paths: list[Path], cfg: DataConfig, stats: DataStats
-) -> Iterator[dict[str, Any]]:
+def iter_records(paths: list[Path], cfg: DataConfig, stats: DataStats) -> Iterator[dict[str, Any]]:
     """Yields validated records from ``paths`` in order, each with ``source``/``line``.
 
     Args:
@@ -229,10 +229,10 @@ def iter_records(
         for lineno, raw in _iter_raw(path):
             stats.records_read += 1
             try:
-                if isinstance(raw, _BadRecord):
+                if isinstance(raw, _BadRecordError):
                     raise raw
                 rec = validate_record(raw, f"{path}:{lineno}", cfg)
-            except _BadRecord as e:
+            except _BadRecordError as e:
                 if not cfg.skip_bad_records:
                     raise DataError(str(e)) from None
                 stats.record_bad(e, e.reason)
@@ -240,8 +240,3 @@ def iter_records(
             rec["source"] = src_idx
             rec["line"] = lineno
             yield rec
-
-
-def count_reasons(messages: list[str]) -> dict[str, int]:
-    """Groups ``path:line: message`` strings by message (for ad-hoc reports)."""
-    return dict(Counter(m.split(": ", 1)[-1] for m in messages))

@@ -46,7 +46,9 @@ FORMAT_VERSION = 1
 """Bumped whenever the cached layout or tokenisation changes."""
 
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-PLAIN_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PLAIN_PROMPT_WITH_INPUT = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 _ARROW_SCHEMA = pa.schema(
     [
@@ -91,7 +93,8 @@ class PromptFormatter:
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if cfg.template == "chat" and not has_chat:
             raise ValueError("DataConfig.template='chat' but the tokenizer has no chat_template")
-        self.kind = "chat" if (cfg.template == "chat" or (cfg.template == "auto" and has_chat)) else "plain"
+        use_chat = cfg.template == "chat" or (cfg.template == "auto" and has_chat)
+        self.kind = "chat" if use_chat else "plain"
         self.tokenizer = tokenizer
         self.system_prompt = cfg.system_prompt
         self._split: tuple[str, str] | None = None
@@ -194,6 +197,22 @@ def _write_records_arrow(
     return n
 
 
+def _TOKENIZED_FEATURES() -> Any:
+    import datasets
+
+    return datasets.Features(
+        {
+            "task_type": datasets.Value("int8"),
+            "source": datasets.Value("int32"),
+            "line": datasets.Value("int64"),
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "prompt_len": datasets.Value("int32"),
+            "truncated": datasets.Value("bool"),
+            "bad": datasets.Value("string"),
+        }
+    )
+
+
 class _Tokenize:
     """The batched ``Dataset.map`` function (a class so it pickles for num_proc>1)."""
 
@@ -224,7 +243,7 @@ class _Tokenize:
                 where = f"{self.paths[batch['source'][j]]}:{batch['line'][j]}"
                 msg = (
                     f"{where}: field 'instruction'/'input': prompt is {len(p)} tokens, "
-                    f"longer than max_len={self.max_len} - 1 (no room for the response)"
+                    f"max_len={self.max_len} leaves no room for the response"
                 )
                 if not self.skip_bad:
                     raise DataError(msg)
@@ -232,8 +251,8 @@ class _Tokenize:
             ids = p + r + [self.eos]
             truncated = len(ids) > self.max_len
             if not r:
-                bad = bad or f"{self.paths[batch['source'][j]]}:{batch['line'][j]}: " \
-                    "field 'output' is empty after tokenisation"
+                where = f"{self.paths[batch['source'][j]]}:{batch['line'][j]}"
+                bad = bad or f"{where}: field 'output' is empty after tokenisation"
                 if not self.skip_bad:
                     raise DataError(bad)
             out["input_ids"].append(ids[: self.max_len])
@@ -329,7 +348,9 @@ def load_tokenized(
     stats.cache_hit = not built_here
     if is_main:
         logger.info(
-            "data %s: %s%s", ", ".join(p.name for p in paths), stats.summary(),
+            "data %s: %s%s",
+            ", ".join(p.name for p in paths),
+            stats.summary(),
             " (cached)" if stats.cache_hit else "",
         )
         for msg in stats.bad_examples:
@@ -361,7 +382,9 @@ def _build(paths: list[Path], tokenizer: Any, cfg: DataConfig, final: Path) -> N
             batch_size=1000,
             num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
             remove_columns=["instruction", "input", "output", "task"],
+            features=_TOKENIZED_FEATURES(),
             cache_file_name=str(tmp / "tokenized.arrow"),
+            new_fingerprint=final.name,
             desc="tokenising",
         )
         bad_col = tok.data.column("bad")
@@ -369,11 +392,11 @@ def _build(paths: list[Path], tokenizer: Any, cfg: DataConfig, final: Path) -> N
         n_bad = pc.sum(is_bad).as_py() or 0
         if n_bad:
             for msg in tok.filter(lambda b: b != "", input_columns="bad")["bad"]:
-                stats.record_bad(DataError(msg), "prompt too long")
+                reason = "prompt too long" if "max_len" in msg else "empty output"
+                stats.record_bad(DataError(msg), reason)
             tok = tok.filter(lambda b: b == "", input_columns="bad", keep_in_memory=False)
         stats.truncated = pc.sum(tok.data.column("truncated")).as_py() or 0
         tok = tok.remove_columns(["bad", "truncated"])
-        tok = tok.cast_column("prompt_len", datasets.Value("int32"))
         stats.records_kept = len(tok)
         lengths = pc.list_value_length(tok.data.column("input_ids"))
         stats.tokens = pc.sum(lengths).as_py() or 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from loramoe_ds.config import AdapterConfig
 from loramoe_ds.model.losses import lbc_loss, load_balance_loss, z_loss
@@ -34,8 +35,8 @@ _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
 @dataclass
-class LoRAMoEOutput:
-    """Result of :meth:`LoRAMoEModel.forward`.
+class LoRAMoEOutput(ModelOutput):
+    """Result of :meth:`LoRAMoEModel.forward` (a ``ModelOutput``: ZeRO-3 hooks see its tensors).
 
     Attributes:
         loss: ``lm_loss + lbc_beta*lbc + lb_coef*load_balance + z_coef*z``.
@@ -47,11 +48,11 @@ class LoRAMoEOutput:
         num_label_tokens: Labelled positions in the batch.
     """
 
-    loss: torch.Tensor | None
-    lm_loss: torch.Tensor | None
-    lbc_loss: torch.Tensor
-    load_balance_loss: torch.Tensor
-    z_loss: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    lbc_loss: torch.Tensor | None = None
+    load_balance_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     num_label_tokens: int = 0
 
@@ -237,7 +238,15 @@ class LoRAMoEModel(nn.Module):
                 + self.cfg.load_balance_coef * lb
                 + self.cfg.z_loss_coef * zl
             )
-        return LoRAMoEOutput(loss, lm_loss, lbc, lb, zl, logits, n_lab)
+        return LoRAMoEOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            lbc_loss=lbc,
+            load_balance_loss=lb,
+            z_loss=zl,
+            logits=logits,
+            num_label_tokens=n_lab,
+        )
 
     def _lm_loss(self, input_ids, attention_mask, labels, **kwargs):
         """Cross-entropy computed only at labelled positions (saves the V-wide head)."""

@@ -9,15 +9,18 @@ dtype (STYLE 7).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
     """The routing decision for T tokens of one adapted linear.
+
+    A ``NamedTuple`` (not a dataclass) so that ZeRO-3's module hooks, which walk
+    tuples/lists/dicts of a module's outputs, see the tensors and gather the
+    router weight again for its backward.
 
     Attributes:
         logits_TE: fp32 router logits.
@@ -31,7 +34,7 @@ class Routing:
     logits_TE: torch.Tensor
     probs_TE: torch.Tensor
     gates_TK: torch.Tensor
-    experts_TK: torch.Tensor | None
+    experts_TK: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:

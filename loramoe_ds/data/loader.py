@@ -1,0 +1,143 @@
+"""One call from a data file and a tokenizer to a resumable per-rank DataLoader.
+
+Batch format (B per-rank micro-batch, S padded length), all ``torch.long``:
+``input_ids`` (B, S), ``attention_mask`` (B, S), ``labels`` (B, S) with -100 on
+prompt and padding, ``task_type`` (B,) with 1 world knowledge / 0 downstream.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from loramoe_ds.data.collate import Collator, pad_id_for
+from loramoe_ds.data.config import DataConfig
+from loramoe_ds.data.records import DataStats
+from loramoe_ds.data.sampler import ResumableDistributedSampler
+from loramoe_ds.data.tokenize import load_tokenized
+
+
+class StatefulLoader:
+    """A DataLoader whose state counts the batches actually consumed.
+
+    The sampler's own position runs ahead of training when the DataLoader
+    prefetches, so the checkpointable state is kept here: ``position`` is the
+    number of samples in batches already yielded to the caller. Iterating
+    yields the rest of the current epoch, then moves to the next epoch.
+
+    Args:
+        dataset: Indexable dataset of tokenised examples.
+        sampler: This rank's :class:`ResumableDistributedSampler`.
+        batch_size: Per-rank micro-batch size B.
+        collate_fn: Builds the batch dict.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        sampler: ResumableDistributedSampler,
+        batch_size: int,
+        collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        num_workers: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if sampler.per_rank < batch_size:
+            raise ValueError(
+                f"each rank gets {sampler.per_rank} samples per epoch, fewer than "
+                f"batch_size={batch_size}"
+            )
+        self.dataset = dataset
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.collate_fn = collate_fn
+        self.num_workers = num_workers
+        self.stats: DataStats | None = None
+        """Set by :func:`build_dataloader`: what the pipeline read/kept/skipped."""
+        self._position = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch (incomplete last batch dropped: equal steps per rank)."""
+        return self.sampler.per_rank // self.batch_size
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch."""
+        return self.sampler.epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.sampler.position = self._position
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
+        for batch in loader:
+            self._position += self.batch_size
+            yield batch
+        self.sampler.set_epoch(self.sampler.epoch + 1)
+        self._position = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler state with ``position`` = samples in batches consumed so far."""
+        return {**self.sampler.state_dict(), "position": self._position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resumes at the saved epoch and position (next ``iter`` continues there)."""
+        self.sampler.load_state_dict(state)
+        self._position = self.sampler.position
+
+
+def build_dataloader(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    tokenizer: Any,
+    cfg: DataConfig | None = None,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    is_main: bool | None = None,
+    barrier: Callable[[], None] | None = None,
+) -> StatefulLoader:
+    """Builds this rank's resumable DataLoader from data files and a tokenizer.
+
+    Args:
+        paths: JSONL/JSON/Parquet file(s) of instruction records.
+        tokenizer: Hugging Face tokenizer (chat template used when present).
+        cfg: Data config; defaults to ``DataConfig()``.
+        batch_size: Per-rank micro-batch size B.
+        rank: Data-parallel rank.
+        world_size: Data-parallel world size.
+        is_main: Builds the tokenisation cache and logs (default: rank 0 of
+            torch.distributed, or True without it).
+        barrier: Sync point between cache build and load (default:
+            ``dist.barrier`` when initialised, else a no-op).
+
+    Returns:
+        A :class:`StatefulLoader` yielding dicts of LongTensors ``input_ids``
+        (B, S), ``attention_mask`` (B, S), ``labels`` (B, S), ``task_type`` (B,);
+        its ``stats`` attribute holds the :class:`DataStats`.
+    """
+    cfg = cfg or DataConfig()
+    ds, stats = load_tokenized(paths, tokenizer, cfg, is_main=is_main, barrier=barrier)
+    ds = ds.select_columns(["input_ids", "prompt_len", "task_type"])
+    sampler = ResumableDistributedSampler(
+        len(ds), num_replicas=world_size, rank=rank, seed=cfg.seed, shuffle=cfg.shuffle
+    )
+    loader = StatefulLoader(
+        ds,
+        sampler,
+        batch_size,
+        Collator(pad_id_for(tokenizer), cfg.pad_to_multiple_of),
+        num_workers=cfg.num_workers,
+    )
+    loader.stats = stats
+    return loader

@@ -1,0 +1,136 @@
+"""Expert-parallel (EP) and expert-data-parallel (EDP) process groups.
+
+Layout (identical to DeepSpeed's ``groups._create_expert_and_data_parallel``
+without model/pipeline parallelism): with world size ``W`` and ``ep`` ranks per
+EP group,
+
+* EP groups are consecutive ranks ``[i*ep, (i+1)*ep)`` for ``i < W/ep``: the
+  ranks that split one layer's experts between them and exchange tokens with
+  all-to-all;
+* EDP groups are the ranks at stride ``ep``: ``{j, j+ep, j+2*ep, ...}`` for
+  ``j < ep``: the replicas of one expert shard, whose gradients are all-reduced.
+
+Rank ``r`` has EP rank ``r % ep`` and EDP rank ``r // ep``; it holds experts
+``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of every layer (E experts).
+
+The groups are built with ``torch.distributed.new_group`` (every rank creates
+every group, in the same order, as ``new_group`` requires) rather than through
+DeepSpeed's private ``groups`` module, so that DeepSpeed's engine never mistakes
+this run for a native ``deepspeed.moe`` run (which ZeRO-3 refuses).
+:func:`validate_ep` checks the user's numbers *before* any process-group work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_ep(ep_size: int, world_size: int, experts_per_layer: list[int]) -> None:
+    """Check that ``ep_size`` divides the world and every layer's expert count.
+
+    Call before creating any process group, so bad input fails fast and the same
+    way on every rank.
+
+    Args:
+        ep_size: Ranks per expert-parallel group.
+        world_size: Total ranks W.
+        experts_per_layer: Expert count of each decoder layer (the resolved
+            allocation, bottom to top).
+
+    Raises:
+        ValueError: Naming the offending value (and layer) and the valid choices.
+    """
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size={ep_size!r}: must be an int >= 1")
+    if world_size % ep_size:
+        raise ValueError(
+            f"ep_size={ep_size} does not divide the world size {world_size}; "
+            f"valid ep_size values: {_divisors(world_size)}"
+        )
+    for layer, n in enumerate(experts_per_layer):
+        if n % ep_size:
+            common = [
+                d for d in _divisors(world_size) if all(c % d == 0 for c in experts_per_layer)
+            ]
+            raise ValueError(
+                f"layer {layer} has {n} experts, not divisible by ep_size={ep_size} "
+                f"(each EP rank must hold the same number of experts of every layer); "
+                f"valid ep_size for this allocation {list(experts_per_layer)} and world "
+                f"size {world_size}: {common}; or choose expert counts divisible by {ep_size}"
+            )
+
+
+def ep_layout(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The rank lists of all EP groups and all EDP groups (pure; no communication).
+
+    Returns:
+        ``(ep_groups, edp_groups)``: ``ep_groups[i] = [i*ep, ..., (i+1)*ep - 1]``,
+        ``edp_groups[j] = [j, j+ep, ...]``.
+    """
+    ep_groups = [list(range(i * ep_size, (i + 1) * ep_size)) for i in range(world_size // ep_size)]
+    edp_groups = [list(range(j, world_size, ep_size)) for j in range(ep_size)]
+    return ep_groups, edp_groups
+
+
+@dataclass
+class ExpertGroups:
+    """This rank's view of the expert-parallel topology.
+
+    Attributes:
+        ep_size: Ranks per EP group.
+        world_size: W.
+        rank: Global rank.
+        ep_group: Process group of this rank's EP group (``None`` when ep_size=1).
+        edp_group: Process group of this rank's EDP group.
+        ep_ranks: Global ranks of the EP group.
+        edp_ranks: Global ranks of the EDP group.
+    """
+
+    ep_size: int
+    world_size: int
+    rank: int
+    ep_group: Any
+    edp_group: Any
+    ep_ranks: list[int]
+    edp_ranks: list[int]
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def edp_rank(self) -> int:
+        return self.rank // self.ep_size
+
+    @property
+    def edp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+
+def create_expert_groups(ep_size: int) -> ExpertGroups:
+    """Create the EP and EDP groups (collective: every rank must call it).
+
+    Requires an initialised default process group (``deepspeed.init_distributed``).
+    Validate first with :func:`validate_ep`.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"ep_size={ep_size} does not divide world size {world}")
+    ep_groups, edp_groups = ep_layout(world, ep_size)
+    my_ep = my_edp = None
+    for ranks in ep_groups:  # same order on every rank
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            my_ep, ep_ranks = g, ranks
+    for ranks in edp_groups:
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            my_edp, edp_ranks = g, ranks
+    return ExpertGroups(ep_size, world, rank, my_ep, my_edp, ep_ranks, edp_ranks)

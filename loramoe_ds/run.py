@@ -1,0 +1,347 @@
+"""One training run: resolve the plan, build model + data + trainer, loop, checkpoint, export.
+
+``launcher/train.py`` is a thin wrapper around :func:`train`. Everything that
+can be checked without processes talking to each other (configs, DeepSpeed JSON,
+expert-parallel divisibility) is checked in :func:`make_plan` before any
+process group starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramoe_ds.run_config import RunConfig, resolve_ds_config
+
+TINY_VOCAB = 512
+
+
+@dataclass
+class Plan:
+    """Everything resolved before process groups start."""
+
+    run: RunConfig
+    ds_config: dict[str, Any]
+    world_size: int
+    rank: int
+    num_layers: int
+    experts_per_layer: list[int]
+    model_dir: str | None
+    hf_config: Any
+
+    def describe(self) -> str:
+        """The human-readable plan printed by ``--dry-run``."""
+        run, W, ep = self.run, self.world_size, self.run.parallel.ep_size
+        ep_groups = [list(range(i * ep, (i + 1) * ep)) for i in range(W // ep)]
+        edp_groups = [list(range(j, W, ep)) for j in range(ep)]
+        n_base, n_router, n_expert, per_linear = count_parameters(self)
+        bytes_pp = 2 if run.train.precision == "bf16" else 4
+        stage = run.parallel.zero_stage
+        base_rank = n_base * bytes_pp / (W if stage == 3 else 1)
+        # expert params: local shard; fp32 master + 2 Adam moments + grad = 16 B/param
+        expert_rank = n_expert / ep * 16
+        router_rank = n_router * 16 / (W if stage >= 1 else 1)
+        lines = [
+            f"world size {W}: {W // ep} expert-parallel group(s) of {ep}",
+            f"  EP groups  {ep_groups}",
+            f"  EDP groups {edp_groups}",
+            f"model {run.model.name}: {self.num_layers} layers; adapter router={run.adapter.router}"
+            + (f" top_k={run.adapter.top_k}" if run.adapter.router == "topk" else "")
+            + f" rank={run.adapter.rank} targets={list(run.adapter.target_modules)}",
+            f"experts per layer {self.experts_per_layer} "
+            f"(total {sum(self.experts_per_layer) * per_linear} over {per_linear} linears/layer;"
+            f" {[e // ep for e in self.experts_per_layer][:8]}... local per EP rank)",
+            f"parameters: frozen base {n_base:,}; trainable routers {n_router:,} + experts "
+            f"{n_expert:,} ({100 * (n_router + n_expert) / max(n_base, 1):.2f}% of base)",
+            f"batch: micro {run.train.micro_batch_size} x grad_accum {run.train.grad_accum} x "
+            f"DP {W} = global {self.ds_config['train_batch_size']}; ZeRO stage {stage}; "
+            f"{run.train.precision}",
+            f"estimated memory per rank: base {base_rank / 2**20:.1f} MiB (ZeRO-{stage}), "
+            f"experts+optimizer {expert_rank / 2**20:.1f} MiB, routers+optimizer "
+            f"{router_rank / 2**20:.2f} MiB (activations extra)",
+            f"steps {run.train.max_steps}, lr {run.train.lr}, output {run.output.dir}",
+        ]
+        return "\n".join(lines)
+
+
+def count_parameters(plan: Plan) -> tuple[int, int, int, int]:
+    """(frozen base, router, expert, adapted linears per layer) parameter counts.
+
+    Computed on the ``meta`` device: no memory, no weights loaded.
+    """
+    from loramoe_ds.model.inject import inject
+
+    with torch.device("meta"):
+        base = _from_config(plan.hf_config)
+        n_base = sum(p.numel() for p in base.parameters())
+        model = inject(base, plan.run.adapter)
+    n_router = sum(m.router.weight.numel() for m in model.moe_layers())
+    n_expert = sum(sum(p.numel() for p in m.experts.parameters()) for m in model.moe_layers())
+    per_linear = max(1, len(model.moe_layers()) // max(plan.num_layers, 1))
+    return n_base, n_router, n_expert, per_linear
+
+
+def _from_config(hf_config):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+
+
+def _hf_config(run: RunConfig) -> tuple[Any, str | None]:
+    """The transformers config of the base model and its weight directory (None: random)."""
+    from loramoe_ds.tiny import tiny_config
+
+    name = run.model.name
+    if name.startswith("tiny-"):
+        cfg = tiny_config(
+            name[5:],
+            vocab_size=TINY_VOCAB,
+            layers=run.model.tiny_layers,
+            hidden=run.model.tiny_hidden,
+        )
+        return cfg, None
+    if name == "smollm2":
+        from loramoe_ds.smollm2 import ensure_smollm2
+
+        model_dir = str(ensure_smollm2())
+    else:
+        model_dir = name
+        if not Path(model_dir, "config.json").is_file():
+            raise ValueError(
+                f"model.name={name!r}: not 'smollm2', a tiny-* model, or a local Hugging Face "
+                "model directory with config.json"
+            )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir), model_dir
+
+
+def make_plan(run: RunConfig, ds_user: dict[str, Any], world_size: int, rank: int) -> Plan:
+    """Validate everything that needs no process group.
+
+    Raises:
+        ValueError: Config / DeepSpeed JSON disagreement, or an ``ep_size`` that
+            does not divide the world size or some layer's expert count.
+    """
+    from loramoe_ds.parallel.groups import validate_ep
+
+    ds = resolve_ds_config(run, ds_user, world_size)
+    t = run.train
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay},
+    }
+    ds["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": t.max_steps,
+            "warmup_num_steps": max(t.warmup_steps, 1),
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": t.min_lr_ratio,
+        },
+    }
+    ds["gradient_clipping"] = t.grad_clip
+    if run.train.precision == "bf16":
+        ds.setdefault("bf16", {})["enabled"] = True
+    hf_config, model_dir = _hf_config(run)
+    n_layers = hf_config.num_hidden_layers
+    counts = run.adapter.layer_experts(n_layers)
+    validate_ep(run.parallel.ep_size, world_size, counts)
+    return Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_config)
+
+
+def model_factory(plan: Plan):
+    """A callable building the base model (the trainer calls it under ``zero.Init``).
+
+    Pretrained weights are loaded *into* the (possibly ZeRO-3 partitioned)
+    parameters: rank 0 reads the safetensors and each tensor is scattered via
+    ``GatheredParameters(modifier_rank=0)``, so no rank ever holds two full copies.
+    """
+
+    def build():
+        model = _from_config(plan.hf_config)
+        if plan.model_dir is not None:
+            from loramoe_ds.parallel.zero_load import load_pretrained_into
+
+            load_pretrained_into(model, plan.model_dir)
+        return model
+
+    return build
+
+
+def load_tokenizer(plan: Plan, is_main: bool, barrier):
+    """The tokenizer of the base model, or a BPE trained on the demo data for tiny models."""
+    run = plan.run
+    if plan.model_dir is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(plan.model_dir)
+    from loramoe_ds.data import demo_path
+    from loramoe_ds.tiny import tiny_tokenizer
+
+    out = Path(run.output.dir) / "cache" / "tiny_tokenizer"
+    files = [demo_path("train.jsonl")]
+    if is_main:
+        tiny_tokenizer(files, out, vocab_size=TINY_VOCAB)
+    barrier()
+    return tiny_tokenizer(files, out, vocab_size=TINY_VOCAB)
+
+
+def _train_files(run: RunConfig) -> list[str]:
+    from loramoe_ds.data import demo_path
+
+    return [demo_path("train.jsonl") if f == "demo" else f for f in run.data.train_files]
+
+
+def train(plan: Plan, resume: str = "auto", stop_after: int | None = None) -> dict[str, Any]:
+    """Run the training loop (collective: every rank calls it).
+
+    Args:
+        plan: From :func:`make_plan`.
+        resume: ``auto`` (latest checkpoint in ``output.dir/checkpoints`` if any),
+            ``none``, or a checkpoint directory.
+        stop_after: Testing aid: exit (as if preempted, with a checkpoint) after
+            this many optimizer steps of this invocation.
+
+    Returns:
+        Summary (final step, last losses, preempted flag, paths).
+    """
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from loramoe_ds.data import DataConfig, build_dataloader
+    from loramoe_ds.launch.preempt import PreemptionHandler
+    from loramoe_ds.metrics import MetricsLogger
+    from loramoe_ds.parallel.checkpoint import latest_tag
+    from loramoe_ds.parallel.engine import MoETrainer
+
+    run = plan.run
+    out = Path(run.output.dir)
+    ckpt_dir = out / "checkpoints"
+    handler = PreemptionHandler()
+    handler.install()
+    trainer = MoETrainer.build(
+        model_factory(plan),
+        run.adapter,
+        plan.ds_config,
+        ep_size=run.parallel.ep_size,
+        seed=run.train.seed,
+        num_layers=plan.num_layers,
+    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    tok = load_tokenizer(plan, is_main, dist.barrier)
+    data_cfg = DataConfig(
+        max_len=run.data.max_length,
+        task_type_names={**DataConfig().task_type_names, **run.data.task_type_names},
+        skip_bad_records=run.data.skip_bad_records,
+        cache_dir=str(out / "cache" / "data"),
+        seed=run.train.seed,
+    )
+    loader = build_dataloader(
+        _train_files(run),
+        tok,
+        data_cfg,
+        batch_size=run.train.micro_batch_size,
+        rank=rank,
+        world_size=world,
+    )
+    if is_main:
+        print(f"[data] {loader.stats}", flush=True)
+    resumed_from = None
+    if resume != "none":
+        src = ckpt_dir if resume == "auto" else Path(resume)
+        if resume != "auto" or latest_tag(src) is not None:
+            client = trainer.load(src)
+            if client is not None:
+                loader.load_state_dict(client["data"])
+                resumed_from = trainer.global_step
+    metrics = MetricsLogger(out, enabled=is_main)
+    start_step = trainer.global_step
+    steps_total = run.train.max_steps
+    bar = tqdm(
+        total=steps_total, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True
+    )
+    if is_main and resumed_from is not None:
+        print(f"[resume] from step {resumed_from}", flush=True)
+    t0 = time.time()
+    tokens = 0
+    last: dict[str, float] = {}
+    acc: dict[str, float] = {}
+    n_micro = 0
+    preempted = False
+    done_this_run = 0
+    try:
+        while trainer.global_step < steps_total and not preempted:
+            for batch in loader:
+                step_before = trainer.global_step
+                stats = trainer.train_micro_batch(batch)
+                tokens += int(batch["attention_mask"].sum()) * world
+                for k in ("loss", "lm_loss", "lbc", "lb", "z"):
+                    acc[k] = acc.get(k, 0.0) + float(stats[k])
+                n_micro += 1
+                if trainer.global_step == step_before:
+                    continue
+                done_this_run += 1
+                last = {k: v / n_micro for k, v in acc.items()}
+                acc, n_micro = {}, 0
+                elapsed = time.time() - t0
+                last.update(
+                    lr=float(stats.get("lr", 0.0)),
+                    grad_norm=float(stats.get("grad_norm") or 0.0),
+                    tokens_per_s=tokens / max(elapsed, 1e-9),
+                    elapsed_s=elapsed,
+                )
+                step = trainer.global_step
+                if step % run.output.log_every == 0 or step == steps_total:
+                    metrics.log(step, last)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{last['loss']:.3f}",
+                    lbc=f"{last['lbc']:.3f}",
+                    tok_s=f"{last['tokens_per_s']:.0f}",
+                )
+                stop = handler.any_rank_should_stop() or (
+                    stop_after is not None and done_this_run >= stop_after
+                )
+                save_now = run.output.save_every and step % run.output.save_every == 0
+                if stop or save_now or step == steps_total:
+                    trainer.save(ckpt_dir, {"data": loader.state_dict(), "step": step})
+                    _prune(ckpt_dir, run.output.keep_checkpoints, is_main)
+                if stop:
+                    preempted = True
+                    break
+                if step >= steps_total:
+                    break
+        adapter_dir = out / "adapter"
+        if not preempted:
+            trainer.export_adapter(adapter_dir)
+        dist.barrier()
+    finally:
+        bar.close()
+        metrics.close()
+        handler.uninstall()
+    return {
+        "step": trainer.global_step,
+        "last": last,
+        "preempted": preempted,
+        "output_dir": str(out),
+        "resumed_from": resumed_from,
+    }
+
+
+def _prune(ckpt_dir: Path, keep: int, is_main: bool) -> None:
+    """Remove all but the newest ``keep`` checkpoint tags (rank 0, after a complete save)."""
+    if not is_main or keep <= 0:
+        return
+    tags = sorted(
+        (p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("global_step")),
+        key=lambda p: int("".join(c for c in p.name if c.isdigit()) or 0),
+    )
+    for p in tags[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)

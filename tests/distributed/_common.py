@@ -1,0 +1,135 @@
+"""Shared by the distributed tests and their worker processes: tiny model, data, launch.
+
+Shape legend: B samples per micro-batch, S positions, W ranks, G GAS micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from loramoe_ds.config import AdapterConfig
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+VOCAB, LAYERS, HIDDEN = 64, 2, 32
+MICRO_B = 2
+
+
+def model_factory():
+    """The base model every rank builds (under zero.Init for ZeRO-3)."""
+    from loramoe_ds.tiny import tiny_model
+
+    return tiny_model("llama", seed=0, vocab_size=VOCAB, layers=LAYERS, hidden=HIDDEN)
+
+
+model_factory.num_layers = LAYERS
+
+
+def adapter_cfg(router: str, dropout: float = 0.0) -> AdapterConfig:
+    if router == "soft":
+        return AdapterConfig(
+            rank=4, alpha=8.0, dropout=dropout, router="soft", num_experts=4,
+            lbc_beta=0.1, load_balance_coef=0.01, z_loss_coef=0.001,
+        )  # fmt: skip
+    return AdapterConfig(
+        target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
+        rank=4, alpha=8.0, dropout=dropout, router="topk", top_k=2, num_experts=[4, 8],
+        lbc_beta=0.05, load_balance_coef=0.01, z_loss_coef=0.001,
+    )  # fmt: skip
+
+
+def ds_config(world: int, stage: int, gas: int = 1, clip: float = 0.0, sched: bool = False):
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO_B,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": MICRO_B * gas * world,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01},
+        },
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+    }
+    if sched:
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 1e-3,
+                "warmup_max_lr": 1e-2,
+                "warmup_num_steps": 4,
+                "warmup_type": "linear",
+            },
+        }
+    return cfg
+
+
+def init_state(router: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A full adapter state with non-zero B (so every gradient is non-trivial)."""
+    from loramoe_ds.model.inject import inject
+
+    names = inject(model_factory(), adapter_cfg(router)).adapter_named_parameters()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, p in names:
+        scale = 0.5 if n.endswith("router.weight") else 0.2
+        out[n] = torch.randn(p.shape, generator=g) * scale
+    return out
+
+
+def batch(rank: int, step: int, micro: int) -> dict[str, torch.Tensor]:
+    """Deterministic micro-batch of one rank; lengths differ between ranks (unequal T)."""
+    g = torch.Generator().manual_seed(10_000 * rank + 100 * step + micro)
+    S = 6 + 2 * (rank % 2)
+    ids = torch.randint(0, VOCAB, (MICRO_B, S), generator=g)
+    mask = torch.ones(MICRO_B, S, dtype=torch.long)
+    mask[1, -2:] = 0  # right padding in the second sample
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :2] = -100
+    task = torch.tensor([1, 0]) if (rank + step + micro) % 2 else torch.tensor([0, 0])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_type": task}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, scenario: str, args: dict, out: Path, timeout: float = 300, env=None,
+           wait: bool = True):  # fmt: skip
+    """Start ``world`` worker processes (gloo, CPU, one thread each)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for r in range(world):
+        e = dict(os.environ)
+        e.update(
+            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+        )  # fmt: skip
+        e.update(env or {})
+        log = open(out / f"log_rank{r}.txt", "w")
+        cmd = [sys.executable, str(HERE / "_worker.py"), scenario, json.dumps(args), str(out)]
+        procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT))
+    if not wait:
+        return procs
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(codes):
+        logs = "\n".join((out / f"log_rank{r}.txt").read_text()[-3000:] for r in range(world))
+        raise AssertionError(f"worker exit codes {codes}\n{logs}")
+    return [torch.load(out / f"result_rank{r}.pt", weights_only=False) for r in range(world)]

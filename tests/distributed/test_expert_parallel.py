@@ -1,0 +1,198 @@
+"""Multi-process (gloo, CPU) expert-parallel training equals a single-process model.
+
+Reference semantics: each rank's loss is its own micro-batch's (LM loss = mean
+over that micro-batch's labelled tokens; LBC per micro-batch), and DeepSpeed
+averages data-parallel gradients, so the distributed objective is
+``mean over ranks r and GAS micro-batches m of loss(r, m)``. The single-process
+reference computes every ``loss(r, m)`` on its own micro-batch and averages them
+(it does *not* concatenate the global batch into one LM mean).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+CASES = {
+    2: [
+        dict(key="ep2_soft_z3_clip", ep=2, router="soft", stage=3, gas=1, clip=0.5, steps=3,
+             export=True),
+        dict(key="ep2_topk_z3_gas2_sched", ep=2, router="topk", stage=3, gas=2, clip=0.0,
+             steps=3, sched=True),
+        dict(key="ep1_soft_z3_replicated", ep=1, router="soft", stage=3, gas=1, clip=0.5, steps=2),
+        dict(key="ep2_topk_z2_clip", ep=2, router="topk", stage=2, gas=1, clip=0.5, steps=2),
+        dict(key="ep2_soft_z0", ep=2, router="soft", stage=0, gas=1, clip=0.0, steps=2),
+    ],
+    4: [
+        dict(key="ep4_topk_z3_clip_sched", ep=4, router="topk", stage=3, gas=1, clip=0.5,
+             steps=3, sched=True, export=True),
+        dict(key="ep2_soft_z3_gas2_clip", ep=2, router="soft", stage=3, gas=2, clip=0.5, steps=2),
+        dict(key="ep2_topk_z3", ep=2, router="topk", stage=3, gas=1, clip=0.0, steps=2),
+        dict(key="ep4_soft_z3", ep=4, router="soft", stage=3, gas=1, clip=0.0, steps=2),
+        dict(key="ep1_topk_z3_replicated", ep=1, router="topk", stage=3, gas=1, clip=0.0, steps=2),
+    ],
+}  # fmt: skip
+
+
+def reference(base_state, init, case, world, lrs):
+    """Single-process run: same weights, same micro-batches, plain torch AdamW."""
+    from loramoe_ds.model.inject import inject
+
+    torch.manual_seed(0)
+    model = inject(C.model_factory(), C.adapter_cfg(case["router"]))
+    missing, unexpected = model.base.load_state_dict(base_state, strict=False)
+    adapter = dict(model.adapter_named_parameters())
+    assert not unexpected and set(missing) == set(adapter)
+    with torch.no_grad():
+        for n, p in adapter.items():
+            p.copy_(init[n])
+    params = list(adapter.values())
+    hp = C.ds_config(world, 0)["optimizer"]["params"]
+    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"],
+                            weight_decay=hp["weight_decay"])  # fmt: skip
+    losses, grads, G = {}, None, case["gas"]
+    for step in range(case["steps"]):
+        opt.zero_grad()
+        total = 0.0
+        for r in range(world):
+            for m in range(G):
+                out = model(**C.batch(r, step, m))
+                losses[(r, step, m)] = out.loss.item()
+                total = total + out.loss / (world * G)
+        total.backward()
+        if step == 0:
+            grads = {n: p.grad.detach().clone() for n, p in adapter.items()}
+        if case["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, case["clip"])
+        for grp in opt.param_groups:
+            grp["lr"] = lrs[step]
+        opt.step()
+    final = {n: p.detach().clone() for n, p in adapter.items()}
+    return losses, grads, final
+
+
+def _close(a, b, atol, what):
+    assert a.shape == b.shape, what
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    assert err <= atol * max(1.0, scale), f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def run(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"eq{world}")
+    results = C.launch(world, "equivalence", {"cases": CASES[world]}, out, timeout=600)
+    return world, results, out
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_matches_single_process(run, idx):
+    """Loss, every trainable gradient and the params after a few AdamW steps match."""
+    world, results, out = run
+    case = CASES[world][idx]
+    key = case["key"]
+    res = [results[r][key] for r in range(world)]
+    init = res[0]["init"]
+    want_init = C.init_state(case["router"])
+    for n in want_init:
+        torch.testing.assert_close(init[n], want_init[n], rtol=0, atol=0)
+    lrs = res[0]["lrs"]
+    if case.get("sched"):
+        assert len(set(lrs)) > 1, f"schedule should change the LR: {lrs}"
+    losses, grads, final = reference(res[0]["base"], init, case, world, lrs)
+    for r in range(world):
+        got = [d["loss"] for d in res[r]["losses"]]
+        want = [losses[(r, s, m)] for s in range(case["steps"]) for m in range(case["gas"])]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-5, atol=2e-6)
+    assert set(res[0]["grads"]) == set(grads)
+    for n, g in grads.items():
+        assert g.abs().max() > 0, f"{n}: reference grad is zero (test too weak)"
+        _close(res[0]["grads"][n], g, 2e-5, f"grad {n}")
+    # Adam divides by sqrt(v): an element whose gradient is ~0 (|g| ~ 1e-8) turns fp32
+    # rounding noise into a step of up to lr. So: tight everywhere but a handful of
+    # elements, and those within the Adam step bound lr * steps.
+    bound = 2 * max(lrs) * case["steps"]
+    for n, p in final.items():
+        err = (res[0]["final"][n] - p).abs()
+        loose = int((err > 2e-5).sum())
+        assert loose <= max(1, err.numel() // 200), f"{n}: {loose} elements off by > 2e-5"
+        assert err.max() <= bound, f"{n}: max err {err.max():.3g} > Adam step bound {bound}"
+    # every rank gathers the same full state
+    for r in range(1, world):
+        for n in final:
+            torch.testing.assert_close(res[r]["final"][n], res[0]["final"][n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_experts_sharded_not_replicated(run, idx):
+    """EP ranks hold different experts; EDP replicas hold identical ones."""
+    world, results, _ = run
+    case = CASES[world][idx]
+    ep, key = case["ep"], case["key"]
+    banks = [results[r][key]["local_banks"] for r in range(world)]
+    if ep == 1:
+        assert all(b == [] for b in banks)  # replicated mode: experts are ZeRO params
+        return
+    E_layers = [a.shape[0] * ep for a, _ in banks[0]]
+    assert all(len(b) == len(banks[0]) for b in banks)
+    for r in range(world):
+        for (a, b), e in zip(banks[r], E_layers):
+            assert a.shape[0] == e // ep
+        # the local shard is exactly the slice [ep_rank*L, (ep_rank+1)*L) of the full bank
+        p = r % ep
+        full = results[r][key]["final"]
+        names = sorted(n for n in full if n.endswith("experts.lora_A"))
+        layers = [n for n in full if n.endswith("experts.lora_A")]
+        assert len(names) == len(banks[r])
+        for (a, _), n in zip(banks[r], layers):
+            L = a.shape[0]
+            torch.testing.assert_close(a, full[n][p * L : (p + 1) * L], rtol=0, atol=0)
+    for r in range(world):
+        for q in range(world):
+            same_ep_rank = r % ep == q % ep
+            for (a1, b1), (a2, b2) in zip(banks[r], banks[q]):
+                if same_ep_rank:
+                    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+                else:
+                    assert not torch.allclose(a1, a2) and not torch.allclose(b1, b2)
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_zero3_partitions_base(run, idx):
+    """Per-rank storage of the frozen base is ~1/W of the model under ZeRO-3."""
+    world, results, _ = run
+    case = CASES[world][idx]
+    if case["stage"] != 3:
+        pytest.skip("ZeRO-3 only")
+    for r in range(world):
+        local, full = results[r][case["key"]]["storage"]
+        assert full > 10_000
+        assert local <= full / world + 64 * world, (local, full)
+        assert local >= full / world - 64 * world, (local, full)
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_export_loads_without_deepspeed(run, idx):
+    """The gathered adapter export loads with load_adapter onto the plain base model."""
+    world, results, out = run
+    case = CASES[world][idx]
+    if not case.get("export"):
+        pytest.skip("no export in this case")
+    from loramoe_ds.model.inject import load_adapter
+
+    base = C.model_factory()
+    loaded = load_adapter(base, out / f"adapter_{case['key']}")
+    got = dict(loaded.adapter_named_parameters())
+    final = results[0][case["key"]]["final"]
+    assert set(got) == set(final)
+    for n, p in got.items():
+        torch.testing.assert_close(p.detach(), final[n], rtol=0, atol=0)

@@ -1,0 +1,113 @@
+"""Resumable distributed sampler and the stateful loader built on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramoe_ds.data import Collator, ResumableDistributedSampler, StatefulLoader
+
+
+def _epoch(n: int, world: int, rank: int, epoch: int, seed: int = 0) -> list[int]:
+    s = ResumableDistributedSampler(n, world, rank, seed=seed)
+    s.set_epoch(epoch)
+    return list(s)
+
+
+@pytest.mark.parametrize("n,world", [(103, 1), (103, 2), (103, 4), (64, 8)])
+def test_ranks_disjoint_equal_and_cover(n: int, world: int) -> None:
+    parts = [_epoch(n, world, r, epoch=0) for r in range(world)]
+    assert all(len(p) == n // world for p in parts)  # equal steps per rank
+    flat = [i for p in parts for i in p]
+    assert len(set(flat)) == len(flat)  # disjoint
+    assert len(flat) == n - n % world  # only the N % W tail is dropped
+    assert set(flat) <= set(range(n))
+
+
+def test_deterministic_and_reshuffled_per_epoch() -> None:
+    assert _epoch(100, 2, 0, epoch=3, seed=7) == _epoch(100, 2, 0, epoch=3, seed=7)
+    assert _epoch(100, 2, 0, epoch=3, seed=7) != _epoch(100, 2, 0, epoch=4, seed=7)
+    assert _epoch(100, 2, 0, epoch=3, seed=7) != _epoch(100, 2, 0, epoch=3, seed=8)
+    # The global permutation is the same for every rank: rank r takes r::W of it.
+    g = torch.Generator().manual_seed(7 + 3)
+    perm = torch.randperm(100, generator=g).tolist()
+    assert _epoch(100, 2, 1, epoch=3, seed=7) == perm[1:100:2]
+
+
+def test_no_drop_last_pads_by_wrapping() -> None:
+    parts = [list(ResumableDistributedSampler(10, 4, r, drop_last=False)) for r in range(4)]
+    assert [len(p) for p in parts] == [3, 3, 3, 3]
+    assert set(i for p in parts for i in p) == set(range(10))
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 17, 24])
+def test_sampler_resume_mid_epoch(stop_after: int) -> None:
+    full = ResumableDistributedSampler(50, 2, 1, seed=3)
+    full.set_epoch(2)
+    expected = list(full)
+    s = ResumableDistributedSampler(50, 2, 1, seed=3)
+    s.set_epoch(2)
+    it = iter(s)
+    seen = [next(it) for _ in range(stop_after)]
+    state = s.state_dict()
+    assert state["epoch"] == 2 and state["position"] == stop_after
+    resumed = ResumableDistributedSampler(50, 2, 1, seed=3)
+    resumed.load_state_dict(state)
+    assert seen + list(resumed) == expected
+
+
+def test_load_state_rejects_mismatch() -> None:
+    state = ResumableDistributedSampler(50, 2, 0, seed=3).state_dict()
+    with pytest.raises(ValueError, match="num_replicas"):
+        ResumableDistributedSampler(50, 4, 0, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_samples_total"):
+        ResumableDistributedSampler(60, 2, 0, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="rank"):
+        ResumableDistributedSampler(50, 2, 2)
+
+
+class _Toy(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 41
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": [i + 10] * (1 + i % 4), "prompt_len": 0, "task_type": i % 2}
+
+
+def _loader(rank: int, workers: int = 0) -> StatefulLoader:
+    s = ResumableDistributedSampler(41, 2, rank, seed=11)
+    return StatefulLoader(_Toy(), s, 3, Collator(0), num_workers=workers)
+
+
+def _ids(batch: dict) -> list[int]:
+    return (batch["input_ids"][:, 0] - 10).tolist()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resume_equals_uninterrupted(workers: int) -> None:
+    """Stop mid-epoch 1 (DataLoader prefetching ahead), resume in a fresh loader."""
+    ref = _loader(rank=1)
+    uninterrupted = [_ids(b) for _ in range(3) for b in ref]  # 3 epochs
+    assert len(ref) == 6 and len(uninterrupted) == 18
+
+    first = _loader(rank=1, workers=workers)
+    got = [_ids(b) for b in first]  # epoch 0
+    it = iter(first)
+    got += [_ids(next(it)) for _ in range(4)]  # 4 batches of epoch 1, workers prefetch more
+    state = first.state_dict()
+    del it
+    assert state["epoch"] == 1 and state["position"] == 12
+
+    resumed = _loader(rank=1, workers=workers)
+    resumed.load_state_dict(state)
+    got += [_ids(b) for b in resumed]  # rest of epoch 1
+    assert resumed.epoch == 2 and resumed.state_dict()["position"] == 0
+    got += [_ids(b) for b in resumed]  # epoch 2
+    assert got == uninterrupted
+
+
+def test_loader_equal_steps_across_ranks() -> None:
+    a, b = _loader(0), _loader(1)
+    ia = [i for x in a for i in _ids(x)]
+    ib = [i for x in b for i in _ids(x)]
+    assert len(ia) == len(ib) == 18 and not set(ia) & set(ib)
