@@ -74,8 +74,7 @@ fi
 
 export CONFIG="$config" LORAMOE_ROOT="$repo"
 if ((dry_run)); then
-    printf '%q ' mkdir -p "$log_dir" # sbatch does not create the --output directory
-sbatch --parsable "${args[@]}" "${repo}/slurm/train.sbatch" "$@"
+    printf '%q ' sbatch --parsable "${args[@]}" "${repo}/slurm/train.sbatch" "$@"
     echo
     exit 0
 fi

@@ -54,7 +54,7 @@ class LoRAMoEOutput(ModelOutput):
     load_balance_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    num_label_tokens: int = 0
+    num_label_tokens: int | None = None
 
 
 @dataclass

@@ -38,7 +38,7 @@ def load_pretrained_into(model: nn.Module, model_dir: str | Path) -> None:
     for name, p in params.items():
         src_name = name if name in index or rank != 0 else _tied_source(model, name, index)
         partitioned = hasattr(p, "ds_id")
-        ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if partitioned else _null()
+        ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if partitioned else _Null()
         with ctx, torch.no_grad():
             if rank == 0 and src_name is not None:
                 p.data.copy_(index[src_name].get_tensor(src_name).to(p.dtype))
@@ -62,7 +62,7 @@ def _tied_source(model, name, index):
     return None
 
 
-class _null:
+class _Null:
     def __enter__(self):
         return self
 

@@ -11,7 +11,8 @@ trainer's preemption contract (``PreemptionHandler.poll`` at each step, a
 the Slurm tests can requeue it. Usable as ``python``, ``deepspeed``, ``torchrun``,
 ``mpirun`` or ``srun`` target::
 
-    mpirun --allow-run-as-root --oversubscribe -np 2 python tests/integration/dist_probe.py --out /tmp/o
+    mpirun --allow-run-as-root --oversubscribe -np 2 \
+        python tests/integration/dist_probe.py --out /tmp/o
 """
 
 from __future__ import annotations
