@@ -77,7 +77,7 @@ def count_parameters(plan: Plan) -> tuple[int, int, int, int]:
     from loramoe_ds.model.inject import inject
 
     with torch.device("meta"):
-        base = _from_config(plan.hf_config)
+        base = _from_config(plan.hf_config, init_weights=False)
         n_base = sum(p.numel() for p in base.parameters())
         model = inject(base, plan.run.adapter)
     n_router = sum(m.router.weight.numel() for m in model.moe_layers())
@@ -86,10 +86,20 @@ def count_parameters(plan: Plan) -> tuple[int, int, int, int]:
     return n_base, n_router, n_expert, per_linear
 
 
-def _from_config(hf_config):
-    from transformers import AutoModelForCausalLM
+def _from_config(hf_config, init_weights: bool = True):
+    """Build the architecture; skip random init when pretrained weights follow.
 
-    return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    Skipping also avoids transformers' init touching ZeRO-3 partitioned (empty)
+    tensors, e.g. the embedding's padding row.
+    """
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    ctx = contextlib.nullcontext() if init_weights else no_init_weights()
+    with ctx:
+        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
 
 
 def _hf_config(run: RunConfig) -> tuple[Any, str | None]:
@@ -164,7 +174,7 @@ def model_factory(plan: Plan):
     """
 
     def build():
-        model = _from_config(plan.hf_config)
+        model = _from_config(plan.hf_config, init_weights=plan.model_dir is None)
         if plan.model_dir is not None:
             from loramoe_ds.parallel.zero_load import load_pretrained_into
 

@@ -4,9 +4,9 @@ Layout of ``<dir>`` (one sub-directory per tag, ``latest`` names the last good o
 
     <dir>/latest                                   # text: the tag; replaced last, atomically
     <dir>/<tag>/                                   # e.g. global_step120
-        ...DeepSpeed files...                      # engine.save_checkpoint(exclude_frozen_parameters=True):
-                                                   #   routers (+ replicated banks), their optimizer,
-                                                   #   the LR scheduler, engine counters
+        ...DeepSpeed files...                      # engine.save_checkpoint(exclude_frozen_...):
+                                                   #   routers (+ replicated banks), their
+                                                   #   optimizer, LR scheduler, counters
         layer_{L}_expert_{E}_mp_rank_00_model_states.pt   # EP mode: one expert's lora_A/lora_B
         expert_optim_rank_{r:05d}.pt               # EP mode: this rank's expert AdamW state
         trainer_state_rank_{r:05d}.pt              # client state, RNG (python/numpy/torch), step

@@ -252,6 +252,10 @@ class MoETrainer:
             cfg["gradient_clipping"] = 0.0  # joint clipping done by the trainer
         stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
 
+        # zero.Init patches tensor constructors; torch._dynamo refuses to import
+        # under that patch (a factory importing transformers lazily triggers it).
+        import torch._dynamo  # noqa: F401
+
         with deepspeed.zero.Init(config_dict_or_path=cfg, enabled=stage == 3):
             base = model_factory()
         for p in base.parameters():
@@ -325,11 +329,11 @@ class MoETrainer:
         """
         out = self.forward_backward(batch)
         stats = {
-            "loss": float(out.loss),
-            "lm_loss": float(out.lm_loss),
-            "lbc": float(out.lbc_loss),
-            "lb": float(out.load_balance_loss),
-            "z": float(out.z_loss),
+            "loss": out.loss.item(),
+            "lm_loss": out.lm_loss.item(),
+            "lbc": out.lbc_loss.item(),
+            "lb": out.load_balance_loss.item(),
+            "z": out.z_loss.item(),
         }
         if self.engine.is_gradient_accumulation_boundary():
             stats["lr"] = float(self.engine.get_lr()[0])

@@ -145,7 +145,7 @@ def test_experts_sharded_not_replicated(run, idx):
     E_layers = [a.shape[0] * ep for a, _ in banks[0]]
     assert all(len(b) == len(banks[0]) for b in banks)
     for r in range(world):
-        for (a, b), e in zip(banks[r], E_layers):
+        for (a, _), e in zip(banks[r], E_layers):
             assert a.shape[0] == e // ep
         # the local shard is exactly the slice [ep_rank*L, (ep_rank+1)*L) of the full bank
         p = r % ep

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-nodes", type=int, default=None)
     parser.add_argument("--steps", type=int, default=0, help="fake training steps")
     parser.add_argument("--sleep", type=float, default=0.5, help="seconds per fake step")
+    parser.add_argument("--ds-config", default=None, help="also train 2 steps with this JSON")
     args = parser.parse_args(argv)
 
     handler = PreemptionHandler().install()  # before anything slow, like the trainer
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
 
+    if args.ds_config:
+        record["ds_config_losses"] = _ds_config_steps(deepspeed, args.ds_config)
+
     status = 0
     if args.steps:
         record["steps"], status = _fake_training(args, denv.rank, handler, out)
@@ -111,6 +115,24 @@ def main(argv: list[str] | None = None) -> int:
     if denv.rank == 0:
         print(f"dist_probe: ok world={denv.world_size} launcher={denv.launcher} status={status}")
     return status
+
+
+def _ds_config_steps(deepspeed, path: str) -> list[float]:
+    """``deepspeed.initialize`` a tiny model with a client torch AdamW; 2 steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=path)
+    micro = engine.train_micro_batch_size_per_gpu()
+    dtype = next(p for p in engine.module.parameters()).dtype
+    losses = []
+    for _ in range(2 * engine.gradient_accumulation_steps()):
+        x = torch.randn(micro, 16, dtype=dtype, device=engine.device)
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
 
 
 def _fake_training(args, rank: int, handler: PreemptionHandler, out: Path) -> tuple[list, int]:
