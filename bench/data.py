@@ -33,10 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """Current RSS (``VmRSS``), or its private (``RssAnon``) / file-backed (``RssFile``) part."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -115,6 +116,7 @@ def child(args: argparse.Namespace) -> None:
         out["read_seconds"] = time.perf_counter() - t1
         out["read_examples"] = len(idx) // 32 * 32
     out["peak_rss_mb"] = _peak_mb()
+    out["anon_mb"], out["file_mb"] = _rss_mb("RssAnon"), _rss_mb("RssFile")
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -190,8 +192,11 @@ def main() -> None:
         f"num_proc={args.num_proc}, cache {cache_mb:.0f} MB, "
         f"{build['tokens'] / n:.1f} tokens/record, {build['truncated']} truncated\n"
     )
-    print("| step | process | wall s | records/s | baseline RSS MB | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| step | process | wall s | records/s | baseline RSS MB | peak RSS MB "
+        "| end RSS private / file-backed (mmap, shared) MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     print(
         f"| validate + tokenise + cache (once) | rank 0 | {build['seconds']:.1f} | "
         f"{n / build['seconds']:,.0f} | {build['base_rss_mb']:.0f} | "

@@ -63,10 +63,12 @@ def format_table(res: dict) -> str:
     lines = [
         f"model {res['model']}" + (f" + adapter {res['adapter']}" if res.get("adapter") else ""),
         f"knowledge QA (n={k['n']}): generation {_pct(k['generation']['accuracy'])}  "
-        f"loglik-rank {_pct(k['loglik']['accuracy'])}  (per-token {_pct(k['loglik']['accuracy_per_token'])})  "
+        f"loglik-rank {_pct(k['loglik']['accuracy'])}  "
+        f"(per-token {_pct(k['loglik']['accuracy_per_token'])})  "
         f"mean gold loglik {k['loglik']['mean_answer_loglik']:.3f}  "
         f"[{k['generation']['seconds']:.0f}s + {k['loglik']['seconds']:.0f}s]",
-        f"downstream (n={d['n']}): macro {_pct(d['macro_accuracy'])}  micro {_pct(d['micro_accuracy'])}  "
+        f"downstream (n={d['n']}): macro {_pct(d['macro_accuracy'])}  "
+        f"micro {_pct(d['micro_accuracy'])}  "
         f"contains {_pct(d['macro_contains'])}  [{d['seconds']:.0f}s]",
     ]
     for task, t in d["per_task"].items():

@@ -337,13 +337,13 @@ def resolve_ds_config(
             f"{where}: zero_optimization.stage={stage} but parallel.zero_stage="
             f"{run.parallel.zero_stage}; make them agree"
         )
-    clip = ds.get("gradient_clipping", 0.0)
-    if clip not in (0, 0.0):
+    clip = float(ds.get("gradient_clipping", t.grad_clip) or 0.0)
+    if clip != t.grad_clip:
         raise ValueError(
-            f"{where}: gradient_clipping={clip}: set train.grad_clip instead (the clip must "
-            "cover routers and expert-parallel banks jointly, which DeepSpeed's does not)"
+            f"{where}: gradient_clipping={clip} but train.grad_clip={t.grad_clip}; make them "
+            "agree (the clip is applied jointly to routers and expert-parallel banks)"
         )
-    ds["gradient_clipping"] = 0.0
+    ds["gradient_clipping"] = t.grad_clip
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -547,3 +547,57 @@ def test_sbatch_preemption_requeues_and_resumes(slurm_cluster, tmp_path):
     assert re.search(rf"step={first_run[-1]} restart=0 signal=(10|Signals.SIGUSR1)", preempted)
     recs = _results(out, 2)  # written by the resumed (second) run
     assert {r["restart_count"] for r in recs} == {1}
+
+
+# ---------------------------------------------------------------------------------------
+# ds_configs/*.json: explicit values, no optimizer/scheduler (the trainer passes one)
+
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.stem)
+def test_ds_config_is_explicit(path):
+    text = path.read_text()
+    cfg = json.loads(text)
+    assert '"auto"' not in text
+    assert "optimizer" not in cfg and "scheduler" not in cfg
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        assert isinstance(cfg[key], int) and cfg[key] >= 1
+    assert cfg["gradient_clipping"] > 0 and cfg["zero_optimization"]["stage"] in (2, 3)
+    assert not cfg["fp16"]["enabled"]  # bf16 on GPUs, fp32 on CPU (fp16 unsupported there)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "name",
+    [
+        "zero3_cpu_fp32",
+        pytest.param("zero2_bf16", marks=pytest.mark.slow),
+        pytest.param("zero3_ep_bf16", marks=pytest.mark.slow),
+        pytest.param("zero3_offload_bf16", marks=pytest.mark.slow),
+    ],
+)
+def test_ds_config_trains_two_cpu_ranks(tmp_path, name):
+    # Client torch AdamW, gloo, no op compile (offload: zero_force_ds_cpu_optimizer=false).
+    config = str(REPO / "ds_configs" / f"{name}.json")
+    _run(
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+         str(PROBE), "--out", str(tmp_path), "--ds-config", config]
+    )  # fmt: skip
+    recs = _results(tmp_path, 2)
+    losses = recs[0]["ds_config_losses"]
+    assert len(losses) >= 2 and all(x == x and x < 10 for x in losses)  # finite, sane
+
+
+def test_slurm_skip_only_without_require_flag(monkeypatch):
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(slurm_cluster, "_sbin", lambda name: None)
+    assert "slurmctld" in slurm_cluster.slurm_missing_reason()
+    monkeypatch.delenv("LORAMOE_REQUIRE_SLURM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install"):
+        slurm_cluster.require_slurm()
+    monkeypatch.setenv("LORAMOE_REQUIRE_SLURM", "1")
+    with pytest.raises(pytest.fail.Exception, match="LORAMOE_REQUIRE_SLURM is set"):
+        slurm_cluster.require_slurm()

@@ -59,7 +59,7 @@ def test_ds_config_filled_and_checked(tmp_path):
         ({"zero_optimization": {"stage": 2}}, "stage=2 but parallel.zero_stage=3"),
         ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
         ({"fp16": {"enabled": True}}, "fp16 is not supported"),
-        ({"gradient_clipping": 1.0}, "set train.grad_clip instead"),
+        ({"gradient_clipping": 0.5}, "gradient_clipping=0.5 but train.grad_clip=1.0"),
     ],
 )
 def test_ds_config_disagreements(ds, msg):
