@@ -200,19 +200,20 @@ def main() -> None:
     print(
         f"| validate + tokenise + cache (once) | rank 0 | {build['seconds']:.1f} | "
         f"{n / build['seconds']:,.0f} | {build['base_rss_mb']:.0f} | "
-        f"{build['peak_rss_mb']:.0f} |"
+        f"{build['peak_rss_mb']:.0f} | {build['anon_mb']:.0f} / {build['file_mb']:.0f} |"
     )
     for r in loads:
         rate = r["read_examples"] / r["read_seconds"]
         print(
             f"| open cache (mmap) + read whole shard via collator | rank {r['rank']} | "
             f"{r['seconds']:.1f} + {r['read_seconds']:.1f} | {rate:,.0f} | "
-            f"{r['base_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"{r['base_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['anon_mb']:.0f} / {r['file_mb']:.0f} |"
         )
     print(
         f"| second build call (cache hit={rebuild['cache_hit']}) | rank 0 | "
         f"{rebuild['seconds']:.1f} | - | {rebuild['base_rss_mb']:.0f} | "
-        f"{rebuild['peak_rss_mb']:.0f} |"
+        f"{rebuild['peak_rss_mb']:.0f} | {rebuild['anon_mb']:.0f} / {rebuild['file_mb']:.0f} |"
     )
 
 

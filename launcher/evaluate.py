@@ -169,6 +169,7 @@ def main(argv=None) -> int:
             data_cfg=data_cfg,
             utilisation=not args.no_utilisation,
             knowledge_max_new_tokens=args.max_new_tokens,
+            verbose=True,
         )
     )
     res["timing"].update(load_s=round(load_s, 2), total_s=round(time.perf_counter() - t0, 2))

@@ -71,6 +71,7 @@ def evaluate_all(
     utilisation: bool = True,
     knowledge_max_new_tokens: int = 16,
     downstream_max_new_tokens: int | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Knowledge QA, downstream accuracy and (adapter models) expert utilisation.
 
@@ -86,6 +87,7 @@ def evaluate_all(
         knowledge_max_new_tokens: Generation budget for knowledge QA.
         downstream_max_new_tokens: Generation budget for downstream tasks
             (``None``: longest gold answer + 4, at least 16).
+        verbose: Print each stage's result and time as it finishes (rank 0).
 
     Returns:
         ``{"knowledge": ..., "downstream": ..., "utilisation"?: ..., "timing": ...}``.
@@ -103,9 +105,21 @@ def evaluate_all(
     out["knowledge"] = evaluate_knowledge(
         model, enc, know, batch_size, max_new_tokens=knowledge_max_new_tokens
     )
+    k = out["knowledge"]
+    if verbose:
+        print0(
+            f"[eval] knowledge n={k['n']}: generation {k['generation']['accuracy']:.3f} "
+            f"({k['generation']['seconds']:.0f}s), loglik-rank {k['loglik']['accuracy']:.3f} "
+            f"({k['loglik']['seconds']:.0f}s)"
+        )
     out["downstream"] = evaluate_downstream(
         model, enc, down, batch_size, max_new_tokens=downstream_max_new_tokens
     )
+    d = out["downstream"]
+    if verbose:
+        print0(
+            f"[eval] downstream n={d['n']}: macro {d['macro_accuracy']:.3f} ({d['seconds']:.0f}s)"
+        )
     if utilisation and isinstance(model, LoRAMoEModel):
         t1 = time.perf_counter()
         for r in know:

@@ -160,8 +160,9 @@ def test_prompts_match_training_tokenisation():
 # -- generation ---------------------------------------------------------------
 
 
-def test_batched_left_padded_generation_equals_one_at_a_time():
-    model, tok = _setup()
+@pytest.mark.parametrize("adapter", [False, True])
+def test_batched_left_padded_generation_equals_one_at_a_time(adapter):
+    model, tok = _adapter_model() if adapter else _setup()
     enc = PromptEncoder(tok)
     prompts = enc.prompts(KNOW + DOWN)
     batched = generate_greedy(model, prompts, enc, max_new_tokens=6, batch_size=4)
@@ -324,7 +325,8 @@ def test_adapter_dir_evaluation_equals_in_memory(tmp_path):
     _randomise_adapter(model.eval())
     model.save_adapter(tmp_path / "adapter")
     kf, df = _write_eval_files(tmp_path)
-    kw = dict(knowledge_file=kf, downstream_file=df, batch_size=2, downstream_max_new_tokens=5)
+    kw = dict(knowledge_file=kf, downstream_file=df, batch_size=2)
+    kw.update(knowledge_max_new_tokens=4, downstream_max_new_tokens=4)
     mem = _strip_timing(evaluate_all(model, tok, **kw))
     loaded, tok2 = load_model(base_dir, adapter=tmp_path / "adapter")
     disk = _strip_timing(evaluate_all(loaded, tok2, **kw))
