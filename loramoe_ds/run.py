@@ -174,6 +174,9 @@ def model_factory(plan: Plan):
     """
 
     def build():
+        # Same seed on every rank: a random (tiny) base is identical everywhere and
+        # across launchers, so runs are comparable.
+        torch.manual_seed(plan.run.train.seed)
         model = _from_config(plan.hf_config, init_weights=plan.model_dir is None)
         if plan.model_dir is not None:
             from loramoe_ds.parallel.zero_load import load_pretrained_into
