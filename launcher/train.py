@@ -33,8 +33,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from loramoe_ds.launch.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
+
+    # First, before the heavy imports: a SIGUSR1/SIGTERM from here on means
+    # "checkpoint at the next step boundary and exit 75", never a silent death.
+    handler = PreemptionHandler().install()
     from loramoe_ds.launch.dist_env import setup_dist_env
-    from loramoe_ds.launch.preempt import REQUEUE_EXIT_CODE
     from loramoe_ds.run import make_plan, train
     from loramoe_ds.run_config import load_ds_config, load_run_config
 
@@ -52,11 +56,12 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     try:
-        summary = train(plan, resume=args.resume, stop_after=args.stop_after)
+        summary = train(plan, resume=args.resume, stop_after=args.stop_after, handler=handler)
         if dist.get_rank() == 0:
             print("[done] " + json.dumps(summary), flush=True)
         return REQUEUE_EXIT_CODE if summary["preempted"] else 0
     finally:
+        handler.uninstall()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -211,7 +211,9 @@ def _train_files(run: RunConfig) -> list[str]:
     return [demo_path("train.jsonl") if f == "demo" else f for f in run.data.train_files]
 
 
-def train(plan: Plan, resume: str = "auto", stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    plan: Plan, resume: str = "auto", stop_after: int | None = None, handler=None
+) -> dict[str, Any]:
     """Run the training loop (collective: every rank calls it).
 
     Args:
@@ -220,6 +222,9 @@ def train(plan: Plan, resume: str = "auto", stop_after: int | None = None) -> di
             ``none``, or a checkpoint directory.
         stop_after: Testing aid: exit (as if preempted, with a checkpoint) after
             this many optimizer steps of this invocation.
+        handler: An installed ``PreemptionHandler`` (the launcher installs one
+            before the heavy imports so an early signal is not lost); one is
+            installed here otherwise.
 
     Returns:
         Summary (final step, last losses, preempted flag, paths).
@@ -236,8 +241,9 @@ def train(plan: Plan, resume: str = "auto", stop_after: int | None = None) -> di
     run = plan.run
     out = Path(run.output.dir)
     ckpt_dir = out / "checkpoints"
-    handler = PreemptionHandler()
-    handler.install()
+    own_handler = handler is None
+    if own_handler:
+        handler = PreemptionHandler().install()
     trainer = MoETrainer.build(
         model_factory(plan),
         run.adapter,
@@ -338,7 +344,8 @@ def train(plan: Plan, resume: str = "auto", stop_after: int | None = None) -> di
     finally:
         bar.close()
         metrics.close()
-        handler.uninstall()
+        if own_handler:
+            handler.uninstall()
     return {
         "step": trainer.global_step,
         "last": last,
