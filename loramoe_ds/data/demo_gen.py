@@ -724,6 +724,18 @@ def downstream_records(n_train: int, n_eval: int) -> tuple[list[dict], list[dict
     return train, evals
 
 
+def interleave_by_task(records: list[dict]) -> list[dict]:
+    """Round-robin over tasks, so the first N records of an eval file cover every task."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    queues = list(by_task.values())
+    out = []
+    for i in range(max(len(q) for q in queues)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in records:
@@ -771,7 +783,7 @@ def main(argv: list[str] | None = None) -> None:
     rng.shuffle(train)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(args.out / "train.jsonl", train)
-    _write_jsonl(args.out / "eval_downstream.jsonl", d_eval)
+    _write_jsonl(args.out / "eval_downstream.jsonl", interleave_by_task(d_eval))
     _write_jsonl(args.out / "eval_knowledge.jsonl", k_eval)
     _write_jsonl(args.out / "knowledge_train.jsonl", k_train)
 

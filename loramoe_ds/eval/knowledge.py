@@ -4,10 +4,12 @@
    new tokens, scored by :func:`knowledge_match`: the record is correct when the
    normalised gold answer *or any alias* occurs as a whole-word span inside the
    normalised generation. Normalisation (:func:`normalize_answer`): Unicode NFKC,
-   lower case, ``-``/``_``/``/`` become spaces, all other punctuation is
-   dropped, the articles ``a an the`` are removed, whitespace collapsed. So
-   "The capital is Paris." matches "Paris", "twenty-four" matches the alias
-   "twenty four", but "U" does not match inside "Uranium".
+   lower case; in numbers thousands commas are dropped ("1,000" -> "1000") and
+   zero decimals too ("100.0" -> "100"); every other punctuation character (and
+   ``_``) becomes a space; the articles ``a an the`` are removed; whitespace is
+   collapsed. So "The capital is Paris." matches "Paris", "twenty-four" matches
+   "twenty four", "J.R.R. Tolkien" matches "J. R. R. Tolkien", "Newton's laws"
+   matches "Newton", but "U" does not match inside "Uranium".
 2. **Log-likelihood ranking** (format-robust): the gold answer and each of the
    record's ``distractors`` are scored by the summed log-probability of their
    tokens after the prompt (:func:`~loramoe_ds.eval.common.answer_logliks`);
@@ -40,16 +42,17 @@ from loramoe_ds.eval.common import (
 )
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_SEPARATORS = re.compile(r"[-_/]")
-_PUNCT = re.compile(r"[^\w\s]")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_ZERO_DECIMALS = re.compile(r"(?<=\d)\.0+\b")
+_PUNCT = re.compile(r"[^\w\s]|_")
 _SPACES = re.compile(r"\s+")
 
 
 def normalize_answer(text: str) -> str:
     """SQuAD-style answer normalisation (see the module docstring for the rule)."""
     s = unicodedata.normalize("NFKC", text).lower()
-    s = _SEPARATORS.sub(" ", s)
-    s = _PUNCT.sub("", s)
+    s = _ZERO_DECIMALS.sub("", _THOUSANDS.sub("", s))
+    s = _PUNCT.sub(" ", s)
     s = _ARTICLES.sub(" ", s)
     return _SPACES.sub(" ", s).strip()
 

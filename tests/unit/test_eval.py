@@ -178,6 +178,10 @@ def test_batched_left_padded_generation_equals_one_at_a_time(adapter):
         ("  Twenty-Four ", "twenty four"),
         ("CO₂", "co2"),
         ("a  blue\nwhale!", "blue whale"),
+        ("about 100.0 degrees", "about 100 degrees"),
+        ("1,000 years, 3.5 m", "1000 years 3 5 m"),
+        ("J.R.R. Tolkien", "j r r tolkien"),
+        ("Newton's snake_case", "newton s snake case"),
     ],
 )
 def test_normalize_answer(text, norm):
@@ -194,6 +198,9 @@ def test_normalize_answer(text, norm):
         ("The symbol is U.", ["U"], True),
         ("There are twenty-four hours.", ["24", "twenty-four"], True),
         ("It is the Atlantic.", ["the Atlantic Ocean", "Atlantic"], True),
+        ("written by J.R.R. Tolkien", ["J. R. R. Tolkien"], True),
+        ("Boiling: 100.0 degrees Celsius.", ["100 degrees"], True),
+        ("Newton's laws", ["Isaac Newton", "Newton"], True),
         ("the", ["the", ""], False),  # answers that normalise to "" never match
         ("", ["Paris"], False),
     ],
