@@ -118,6 +118,12 @@ def compare(before: dict, after: dict) -> str:
         rows.append(f"  {t:<26}{_pct(b):>9}{_pct(a):>9}{gain:>10}")
     b, a = db["macro_accuracy"], da["macro_accuracy"]
     rows.append(f"{'  macro average':<28}{_pct(b):>9}{_pct(a):>9}{100 * (a - b):+9.1f}p")
+    for key in ("knowledge", "downstream"):
+        if before[key]["n"] != after[key]["n"]:
+            rows.append(
+                f"WARNING: {key} n differs ({before[key]['n']} vs {after[key]['n']}): "
+                "not the same records (different --limit or files)"
+            )
     for name, r in (("before", before), ("after", after)):
         rows.append(
             f"{name}: {r.get('model')}" + (f" + {r['adapter']}" if r.get("adapter") else "")

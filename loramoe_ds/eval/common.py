@@ -47,12 +47,36 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def take_limit(records: Sequence[dict], limit: int | None) -> list[dict]:
+    """The first ``limit`` records in round-robin order over their ``task`` field.
+
+    Eval files are often grouped by task; taking the first N lines would test one
+    task only. Round-robin keeps every task represented (within a task the file
+    order is kept) and is deterministic. ``None`` returns all records unchanged.
+    """
+    if limit is None or limit >= len(records):
+        return list(records)
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(str(r.get("task", "")), []).append(r)
+    queues = list(by_task.values())
+    out: list[dict] = []
+    depth = 0
+    while len(out) < limit:
+        for q in queues:
+            if depth < len(q) and len(out) < limit:
+                out.append(q[depth])
+        depth += 1
+    return out
+
+
 def read_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[dict]:
     """Reads evaluation records (one JSON object per line; blank lines skipped).
 
     Args:
         path: JSONL file.
-        limit: Keep only the first ``limit`` records (``None``: all).
+        limit: Keep ``limit`` records, round-robin over tasks (:func:`take_limit`);
+            ``None``: all.
 
     Raises:
         ValueError: On a line that is not a JSON object (file and line named).
@@ -72,9 +96,7 @@ def read_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[d
                 if not isinstance(rec.get(key), str):
                     raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a string")
             out.append(rec)
-            if limit is not None and len(out) >= limit:
-                break
-    return out
+    return take_limit(out, limit)
 
 
 def hf_model(model: nn.Module) -> nn.Module:

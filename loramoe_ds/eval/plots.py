@@ -84,11 +84,20 @@ def plot_expert_heatmap(util: dict[str, Any], path: str | os.PathLike[str]) -> s
         dpi=120,
         squeeze=False,
     )
-    for ax, name in zip(axes[0], names):
+    grids = {}
+    for name in names:
         grid_LE = np.full((len(layers), E), np.nan)
         for r, probs in enumerate(util["expert_probs"][name]):
             grid_LE[r, : len(probs)] = probs
-        im = ax.imshow(grid_LE, aspect="auto", origin="lower", cmap="viridis")
+        grids[name] = grid_LE
+    vmin = min(np.nanmin(g) for g in grids.values())
+    vmax = max(np.nanmax(g) for g in grids.values())
+    for ax, name in zip(axes[0], names):
+        im = ax.imshow(
+            grids[name], aspect="auto", origin="lower", cmap="viridis", vmin=vmin, vmax=vmax
+        )
+        if len(set(util["num_experts"])) == 1:  # one boundary between the two groups
+            ax.axvline((E + 1) // 2 - 0.5, color="white", lw=1.2)
         ax.set_title(f"{name} inputs", fontsize=9)
         ax.set_xlabel("expert (left half: knowledge group)", fontsize=8)
         ax.set_ylabel("decoder layer", fontsize=8)

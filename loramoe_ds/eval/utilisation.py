@@ -114,7 +114,7 @@ def expert_utilisation(
     for layer in layers:
         layer.recorder = rec
     try:
-        for c in sorted(set(types)):
+        for c in sorted(set(types), reverse=True):
             idx_c = [i for i, t in enumerate(types) if t == c]
             n_seq[c] = len(idx_c)
             rec.task_type = c
@@ -136,7 +136,7 @@ def expert_utilisation(
         "tokens": {TASK_TYPE_NAMES[c]: n for c, n in tokens.items()},
         "sequences": {TASK_TYPE_NAMES[c]: n for c, n in n_seq.items()},
     }
-    for c in sorted(n_seq):
+    for c in sorted(n_seq, reverse=True):  # knowledge first
         name = TASK_TYPE_NAMES[c]
         shares, probs = [], []
         for i in layer_ids:

@@ -234,6 +234,14 @@ def test_downstream_scorers(task, gen, gold, ok):
     assert score_downstream(task, gen, gold) is ok
 
 
+def test_limit_takes_every_task_round_robin():
+    from loramoe_ds.eval.common import take_limit
+
+    recs = [{"task": t, "i": i} for i, t in enumerate("aaabbc")]
+    assert [r["i"] for r in take_limit(recs, 4)] == [0, 3, 5, 1]
+    assert take_limit(recs, None) == recs and take_limit(recs, 99) == recs
+
+
 # -- utilisation --------------------------------------------------------------
 
 
