@@ -12,11 +12,17 @@ parameters and the peak LR differ (full SFT uses a lower LR, as usual).
 
 Data sizes: ``size`` k means ``k * per_task`` records of each downstream task
 (first records of a seeded shuffle, nested: the 1x subset is inside the 4x one)
-plus all 74 knowledge records. Steps are **epoch-matched**:
-``steps = ceil(epochs * n_records / batch)`` (:func:`budget_steps`), so every
-record is seen about the same number of times at every size and "more SFT data"
-means more optimisation on downstream data, the regime in which the LoRAMoE
-paper reports growing forgetting.
+plus all 74 knowledge records. Two budgets (:func:`run_steps`):
+
+- ``--budget steps`` (default): the same ``--steps`` at every size. A larger
+  size then means more distinct downstream records and a smaller knowledge
+  share of the mix (74 of 158 records at 1x = 47%, 74 of 410 at 4x = 18%) at
+  identical compute, so the knowledge records get fewer updates. Chosen because
+  a 2-core CPU cannot afford 4x the steps for every 4x run.
+- ``--budget epochs``: ``steps = ceil(epochs * n_records / batch)``
+  (:func:`budget_steps`), every record seen about equally often at every size,
+  i.e. the LoRAMoE paper's regime in which more SFT data also means more
+  optimisation (4x the compute at 4x).
 
 Metrics (against the base model, evaluated once with the same subsets):
 knowledge retained = after / base accuracy, by greedy generation and by
@@ -112,7 +118,9 @@ def make_methods(adapter_lr: float = 3e-4, full_lr: float = 3e-5) -> dict[str, M
     ]
     for pat in ("2468", "8642", "5555"):
         methods.append(
-            Method(f"mola_{pat}", "moe", adapter_lr, dict(mola, num_experts=pat), label=f"MoLA {pat}")
+            Method(
+                f"mola_{pat}", "moe", adapter_lr, dict(mola, num_experts=pat), label=f"MoLA {pat}"
+            )
         )
     return {m.name: m for m in methods}
 
@@ -411,7 +419,7 @@ def train_one(
         if method.kind == "moe":
             out = model(**batch)
             loss, lm_l = out.loss, out.lm_loss
-            lbc_losses.append(float(out.lbc_loss))
+            lbc_losses.append(out.lbc_loss.item())
         else:
             loss = lm_l = lm_loss(lm, batch)
         opt.zero_grad(set_to_none=True)
@@ -419,7 +427,7 @@ def train_one(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(lm_l))
+        losses.append(lm_l.item())
         if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
             el = time.perf_counter() - t0
             extra = f" lbc {lbc_losses[-1]:.3f}" if lbc_losses else ""
@@ -574,6 +582,25 @@ def report(out: Path, docs: Path | None, order: Sequence[str]) -> str:
     return table
 
 
+def check_base(base: dict, sets: dict[str, list], path: Path) -> None:
+    """Refuses a cached base evaluation made with other eval-set sizes.
+
+    Raises:
+        ValueError: If the cached sizes differ from ``sets`` (use another ``--out``).
+    """
+    have = (
+        base["knowledge"]["loglik"]["n"] + base["knowledge"]["loglik"]["skipped"],
+        base["knowledge"]["generation"]["n"],
+        base["downstream"]["n"],
+    )
+    want = (len(sets["know_ll"]), len(sets["know_gen"]), len(sets["down"]))
+    if have != want:
+        raise ValueError(
+            f"{path} was evaluated on (LL, generation, downstream) = {have} records but "
+            f"this run asks for {want}; use another --out or the same eval flags"
+        )
+
+
 def _base_summary(base: dict) -> dict[str, Any]:
     return {
         "know_gen_acc": base["knowledge"]["generation"]["accuracy"],
@@ -607,9 +634,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["steps", "epochs"],
         help="steps: --steps at every size; epochs: ceil(--epochs * records / batch)",
     )
-    ap.add_argument("--steps", type=int, default=24, help="steps per run (--budget steps)")
+    ap.add_argument("--steps", type=int, default=20, help="steps per run (--budget steps)")
     ap.add_argument("--epochs", type=float, default=1.0, help="passes (--budget epochs)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--warmup-frac", type=float, default=0.1)
     ap.add_argument("--adapter-lr", type=float, default=3e-4)
@@ -617,7 +644,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--know-limit", type=int, default=None, help="knowledge facts for LL")
     ap.add_argument("--gen-stride", type=int, default=4, help="every k-th fact is generated")
     ap.add_argument("--down-limit", type=int, default=42, help="downstream eval records")
-    ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--eval-batch-size", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, tiny eval")
     ap.add_argument("--table-only", action="store_true", help="only rebuild table + plots")
     return ap.parse_args(argv)
@@ -665,7 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     write_json_atomic(out / "meta.json", meta)
     base_file = out / "base.json"
-    if not base_file.is_file():
+    if base_file.is_file():
+        check_base(json.loads(base_file.read_text()), sets, base_file)
+    else:
         from transformers import AutoModelForCausalLM
 
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device)

@@ -166,33 +166,31 @@ def test_experts_sharded_not_replicated(run, idx):
                     assert not torch.allclose(a1, a2) and not torch.allclose(b1, b2)
 
 
-@pytest.mark.parametrize("idx", range(5))
-def test_zero3_partitions_base(run, idx):
-    """Per-rank storage of the frozen base is ~1/W of the model under ZeRO-3."""
+def test_zero3_partitions_base(run):
+    """Per-rank storage of the frozen base is ~1/W of the model under ZeRO-3 (every ZeRO-3 case)."""
     world, results, _ = run
-    case = CASES[world][idx]
-    if case["stage"] != 3:
-        pytest.skip("ZeRO-3 only")
-    for r in range(world):
-        local, full = results[r][case["key"]]["storage"]
-        assert full > 10_000
-        assert local <= full / world + 64 * world, (local, full)
-        assert local >= full / world - 64 * world, (local, full)
+    cases = [c for c in CASES[world] if c["stage"] == 3]
+    assert cases
+    for case in cases:
+        for r in range(world):
+            local, full = results[r][case["key"]]["storage"]
+            assert full > 10_000
+            assert local <= full / world + 64 * world, (case["key"], local, full)
+            assert local >= full / world - 64 * world, (case["key"], local, full)
 
 
-@pytest.mark.parametrize("idx", range(5))
-def test_export_loads_without_deepspeed(run, idx):
+def test_export_loads_without_deepspeed(run):
     """The gathered adapter export loads with load_adapter onto the plain base model."""
     world, results, out = run
-    case = CASES[world][idx]
-    if not case.get("export"):
-        pytest.skip("no export in this case")
     from loramoe_ds.model.inject import load_adapter
 
-    base = C.model_factory()
-    loaded = load_adapter(base, out / f"adapter_{case['key']}")
-    got = dict(loaded.adapter_named_parameters())
-    final = results[0][case["key"]]["final"]
-    assert set(got) == set(final)
-    for n, p in got.items():
-        torch.testing.assert_close(p.detach(), final[n], rtol=0, atol=0)
+    cases = [c for c in CASES[world] if c.get("export")]
+    assert cases
+    for case in cases:
+        base = C.model_factory()
+        loaded = load_adapter(base, out / f"adapter_{case['key']}")
+        got = dict(loaded.adapter_named_parameters())
+        final = results[0][case["key"]]["final"]
+        assert set(got) == set(final)
+        for n, p in got.items():
+            torch.testing.assert_close(p.detach(), final[n], rtol=0, atol=0)
