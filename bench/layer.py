@@ -11,6 +11,7 @@ with the ratios measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -22,21 +23,27 @@ from loramoe_ds.model.reference import loop_mixture
 from loramoe_ds.model.router import Router
 
 
-def _time(fn, repeats: int, device: str) -> float:
+def _time_interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median time of each function, measured round-robin (rotating order) so that
+    background load on a shared machine hits every method alike."""
+
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):
-        fn()
+    for f in fns.values():  # warm-up
+        f()
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            sync()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def bench_one(T, d_in, d_out, E, R, mode, repeats, device, dtype):
@@ -53,16 +60,19 @@ def bench_one(T, d_in, d_out, E, R, mode, repeats, device, dtype):
     def fused():
         local_mixture(bank, x, router(x)).backward(g)
 
+    def grouped():
+        local_mixture(bank, x, router(x), topk_impl="grouped").backward(g)
+
     def loop():
         loop_mixture(bank, x, router(x)).backward(g)
 
     def lora():
         ((x @ lora_A.t()) @ lora_B.t()).backward(g)
 
-    return {
-        name: _time(f, repeats, device)
-        for name, f in [("fused", fused), ("loop", loop), ("lora", lora)]
-    }
+    fns = {"fused": fused, "loop": loop, "lora": lora}
+    if mode != "soft":
+        fns["grouped"] = grouped
+    return _time_interleaved(fns, repeats, device)
 
 
 def main() -> None:
@@ -84,13 +94,20 @@ def main() -> None:
         f"# bench/layer.py  device={args.device} ({dev_name}) threads={torch.get_num_threads()} "
         f"dtype={dtype} T={args.tokens} torch={torch.__version__}"
     )
-    print("# time = median fwd+bwd of router + expert mixture (ms); ratios from the same run")
+    print(
+        "# time = median fwd+bwd of router + expert mixture (ms), methods timed round-robin; "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "# fused = the layer's default path (soft: 2 GEMMs; top-2: dense masked gates when "
+        "E*r <= 256); grouped = sorted rows + grouped GEMM"
+    )
     hdr = (
-        "| d_in x d_out | E | r | routing | fused ms | loop ms | LoRA(E*r) ms "
+        "| d_in x d_out | E | r | routing | fused ms | grouped ms | loop ms | LoRA(E*r) ms "
         "| loop/fused | fused/LoRA |"
     )
     print(hdr)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     for d_in, d_out in dims:
         for E in (int(e) for e in args.experts.split(",")):
             for R in (int(r) for r in args.ranks.split(",")):
@@ -100,7 +117,8 @@ def main() -> None:
                     )
                     print(
                         f"| {d_in}x{d_out} | {E} | {R} | {mode} | {t['fused'] * 1e3:.2f} | "
-                        f"{t['loop'] * 1e3:.2f} | {t['lora'] * 1e3:.2f} | "
+                        + (f"{t['grouped'] * 1e3:.2f}" if "grouped" in t else "-")
+                        + f" | {t['loop'] * 1e3:.2f} | {t['lora'] * 1e3:.2f} | "
                         f"{t['loop'] / t['fused']:.2f}x | {t['fused'] / t['lora']:.2f}x |",
                         flush=True,
                     )

@@ -49,6 +49,13 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad input: one clear line, no traceback, before any process group
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if env.local_rank == 0:  # one line per node: where this node's ranks think they are
+        print(
+            f"[dist] node {env.node_rank}/{env.num_nodes} ranks {env.rank}.."
+            f"{env.rank + env.local_world_size - 1} of {env.world_size} via {env.launcher}, "
+            f"master {env.master_addr}:{env.master_port}",
+            flush=True,
+        )
     if args.dry_run:
         if env.rank == 0:
             print(plan.describe())

@@ -204,25 +204,76 @@ def topk_capacity(
     return math.ceil(factor * num_tokens * top_k / num_experts)
 
 
+#: ``topk_impl="auto"`` uses the dense masked path when the whole bank is this
+#: narrow (E*R <= 256): LoRA experts are so thin that computing every expert and
+#: zeroing the unselected gates costs less than gathering/scattering T*K rows of
+#: width D and O (see docs/benchmarks.md).
+DENSE_TOPK_MAX_WIDTH = 256
+TOPK_IMPLS = ("auto", "dense", "grouped")
+
+
+def dense_gates(
+    gates_TK: torch.Tensor, experts_TK: torch.Tensor, num_experts: int, keep_N: torch.Tensor | None
+) -> torch.Tensor:
+    """Scatter top-k gates into a dense ``(T, E)`` matrix (zeros for unselected experts).
+
+    Args:
+        gates_TK: Renormalised top-k gates.
+        experts_TK: Their expert indices.
+        num_experts: E.
+        keep_N: Optional bool mask over the flattened ``T*K`` assignments
+            (capacity-dropped assignments get gate 0).
+    """
+    g_TK = gates_TK if keep_N is None else gates_TK * keep_N.view_as(gates_TK)
+    return g_TK.new_zeros(g_TK.shape[0], num_experts).scatter_add(1, experts_TK, g_TK)
+
+
 def local_mixture(
-    bank: ExpertBank, x_TD: torch.Tensor, routing: Routing, capacity_factor: float | None = None
+    bank: ExpertBank,
+    x_TD: torch.Tensor,
+    routing: Routing,
+    capacity_factor: float | None = None,
+    topk_impl: str = "auto",
 ) -> torch.Tensor:
     """All experts on this device: ``sum_k g_k B_{e_k} A_{e_k} x`` per token.
+
+    Top-k has two exact implementations of the same function:
+
+    * ``grouped``: sort the (token, slot) rows by expert, grouped GEMM through
+      ``A`` then ``B``, scale by the gates, scatter-add back (FLOPs ~ T*K*R*(D+O),
+      plus moving T*K rows of width D and O);
+    * ``dense``: the soft path's two GEMMs with the top-k gates scattered into a
+      dense ``(T, E)`` gate matrix, zeros elsewhere (FLOPs ~ T*E*R*(D+O), no row
+      gathers). Unselected experts get exactly zero gradient from a token.
 
     Args:
         bank: The experts.
         x_TD: Expert input (after dropout).
         routing: Gates (and, for top-k, expert indices).
         capacity_factor: Top-k only; ``None`` is dropless.
+        topk_impl: ``auto`` (dense when ``E*R <= DENSE_TOPK_MAX_WIDTH``),
+            ``dense`` or ``grouped``.
 
     Returns:
         ``y_TO`` (unscaled by alpha/r).
     """
     if routing.is_soft:
         return bank(x_TD, gates_TE=routing.gates_TK)
+    if topk_impl not in TOPK_IMPLS:
+        raise ValueError(f"topk_impl={topk_impl!r}: valid values {list(TOPK_IMPLS)}")
     T, K = routing.experts_TK.shape
-    cap = topk_capacity(T, K, bank.num_experts, capacity_factor)
-    order_N, counts_E = sort_by_expert(routing.experts_TK, bank.num_experts, cap)
+    E = bank.num_experts
+    cap = topk_capacity(T, K, E, capacity_factor)
+    dense = topk_impl == "dense" or (topk_impl == "auto" and E * bank.rank <= DENSE_TOPK_MAX_WIDTH)
+    if dense:
+        keep_N = None
+        if cap is not None:
+            order_N, _ = sort_by_expert(routing.experts_TK, E, cap)
+            keep_N = torch.zeros(T * K, dtype=torch.bool, device=x_TD.device)
+            keep_N[order_N] = True
+        g_TE = dense_gates(routing.gates_TK, routing.experts_TK, E, keep_N)
+        return bank(x_TD, gates_TE=g_TE)
+    order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap)
     token_N = order_N // K
     y_NO = bank(x_TD.index_select(0, token_N), counts_E=counts_E)
     y_NO = y_NO * routing.gates_TK.reshape(-1).index_select(0, order_N).to(y_NO.dtype)[:, None]

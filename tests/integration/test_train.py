@@ -185,6 +185,36 @@ def test_torchrun_and_mpirun_match_deepspeed(reference_run, tmp_path):
             assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (name, step)
 
 
+@pytest.mark.distributed
+def test_two_nodes_on_loopback_match_single_node(reference_run, tmp_path):
+    """Two 'nodes' (torchrun --nnodes 2, node ranks 0 and 1, one rank each) meet on
+    127.0.0.1 and run the same job: same losses as the single-node launch."""
+    out = tmp_path / "two_nodes"
+    procs = []
+    for node in (0, 1):
+        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", "29651",
+               TRAIN, "--config", CONFIG, *_overrides(out)]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=_env(29651),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    assert "[dist] node 0/2" in logs[0] and "[dist] node 1/2" in logs[1]
+    got, ref = _losses(out), _losses(reference_run)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
 def test_bad_config_fails_before_any_process_group(tmp_path):
     """A bad ep_size is reported in one line, exit 2, without starting DeepSpeed."""
     env = _env(0)

@@ -30,13 +30,17 @@ def _grads(fn, params):
 @pytest.mark.parametrize(
     "E,R,D,O,T", [(2, 4, 16, 24, 7), (4, 8, 32, 16, 33), (8, 4, 24, 40, 64), (3, 2, 8, 8, 1)]
 )
-@pytest.mark.parametrize("mode,K", [("soft", 0), ("topk", 1), ("topk", 2)])
-def test_fused_matches_loop(E, R, D, O, T, mode, K):
+@pytest.mark.parametrize(
+    "mode,K,impl",
+    [("soft", 0, "auto"), ("topk", 1, "grouped"), ("topk", 2, "grouped"), ("topk", 1, "dense"),
+     ("topk", 2, "dense")],
+)  # fmt: skip
+def test_fused_matches_loop(E, R, D, O, T, mode, K, impl):
     bank = _bank(E, D, O, R)
     router = Router(D, E, mode, max(K, 1))
     x = torch.randn(T, D, requires_grad=True)
     params = [x, bank.lora_A, bank.lora_B, router.weight]
-    fused, g_fused = _grads(lambda: local_mixture(bank, x, router(x)), params)
+    fused, g_fused = _grads(lambda: local_mixture(bank, x, router(x), topk_impl=impl), params)
     loop, g_loop = _grads(lambda: loop_mixture(bank, x, router(x)), params)
     torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fused, g_loop):
@@ -58,6 +62,37 @@ def test_grouped_matmul_paths_agree():
         gr = torch.autograd.grad(ref.sum(), [x, w])
         for a, b in zip(gy, gr):
             torch.testing.assert_close(a, b)
+
+
+def test_dense_and_grouped_topk_agree_with_capacity():
+    """Both top-k implementations drop the same over-capacity assignments."""
+    bank = _bank(4, 16, 8, 4)
+    router = Router(16, 4, "topk", 2)
+    x = torch.randn(40, 16)
+    outs = [local_mixture(bank, x, router(x), 0.5, impl) for impl in ("dense", "grouped")]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    full = local_mixture(bank, x, router(x), None, "dense")
+    assert not torch.allclose(outs[0], full)  # capacity 0.5 really dropped something
+
+
+def test_auto_picks_dense_for_narrow_banks():
+    from loramoe_ds.model import experts as ex
+
+    bank = _bank(4, 16, 8, 4)
+    router = Router(16, 4, "topk", 2)
+    x = torch.randn(5, 16)
+    called = []
+    orig = ex.grouped_matmul
+    ex.grouped_matmul = lambda *a: called.append(1) or orig(*a)
+    try:
+        local_mixture(bank, x, router(x))  # E*R = 16 <= 256: dense, no grouped GEMM
+        assert not called
+        local_mixture(bank, x, router(x), topk_impl="grouped")
+        assert called
+    finally:
+        ex.grouped_matmul = orig
+    with pytest.raises(ValueError, match="topk_impl='sparse'"):
+        local_mixture(bank, x, router(x), topk_impl="sparse")
 
 
 def test_capacity_drops_overflow_in_token_order():
