@@ -322,7 +322,10 @@ def train(
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{last['loss']:.3f}",
+                    lm=f"{last['lm_loss']:.3f}",
                     lbc=f"{last['lbc']:.3f}",
+                    lb=f"{last['lb']:.2f}",
+                    z=f"{last['z']:.1f}",
                     tok_s=f"{last['tokens_per_s']:.0f}",
                 )
                 stop = handler.any_rank_should_stop() or (

@@ -75,9 +75,6 @@ class DataSection:
     skip_bad_records: bool = False
     """Count and report invalid records instead of stopping at the first."""
 
-    max_records: int | None = None
-    """Use only the first N records (quick runs)."""
-
     def __post_init__(self) -> None:
         if isinstance(self.train_files, str):
             self.train_files = [self.train_files]
