@@ -259,20 +259,12 @@ def gather_full_adapter_state(trainer: MoETrainer) -> dict[str, torch.Tensor]:
         v = safe_get_full_fp32_param(p)
         return (p.detach() if v is None else v).float().cpu().clone()
 
-    g = trainer.groups
-    state: dict[str, torch.Tensor] = {}
-    for layer in trainer.model.moe_layers():
-        state[f"{layer.name}.router.weight"] = full(layer.router.weight)
-        if layer.experts is not None:
-            state[f"{layer.name}.experts.lora_A"] = full(layer.experts.lora_A)
-            state[f"{layer.name}.experts.lora_B"] = full(layer.experts.lora_B)
-            continue
-        bank = layer.dispatcher.bank
-        for pname in ("lora_A", "lora_B"):
-            local = getattr(bank, pname).detach().float().contiguous()
-            parts = [torch.empty_like(local) for _ in range(g.ep_size)]
-            dist.all_gather(parts, local, group=g.ep_group)
-            state[f"{layer.name}.experts.{pname}"] = torch.cat(parts).cpu()
+    from loramoe_ds.parallel.engine import gather_adapter
+
+    def local(p: torch.nn.Parameter) -> torch.Tensor:
+        return p.detach().float().contiguous()
+
+    state = gather_adapter(trainer.model, trainer.groups, full, local)
     return state
 
 

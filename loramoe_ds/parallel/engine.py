@@ -434,20 +434,10 @@ class MoETrainer:
             g = safe_get_full_grad(p)
             return torch.zeros(p.shape) if g is None else g.detach().float().cpu().clone()
 
-        out = {}
-        for layer in self.model.moe_layers():
-            out[f"{layer.name}.router.weight"] = full(layer.router.weight)
-            if layer.experts is not None:
-                out[f"{layer.name}.experts.lora_A"] = full(layer.experts.lora_A)
-                out[f"{layer.name}.experts.lora_B"] = full(layer.experts.lora_B)
-                continue
-            for pname in ("lora_A", "lora_B"):
-                p = getattr(layer.dispatcher.bank, pname)
-                local = (torch.zeros_like(p) if p.grad is None else p.grad).float().contiguous()
-                parts = [torch.empty_like(local) for _ in range(self.groups.ep_size)]
-                dist.all_gather(parts, local, group=self.groups.ep_group)
-                out[f"{layer.name}.experts.{pname}"] = torch.cat(parts).cpu()
-        return out
+        def local(p):
+            return (torch.zeros_like(p) if p.grad is None else p.grad).float().contiguous()
+
+        return gather_adapter(self.model, self.groups, full, local)
 
     # -- state -----------------------------------------------------------
     def full_adapter_state(self) -> dict[str, torch.Tensor]:
@@ -493,3 +483,31 @@ def _load_full_state(model: LoRAMoEModel, state: dict[str, torch.Tensor]) -> Non
                     f"init_state: {n} has shape {tuple(state[n].shape)}, model {p.shape}"
                 )
             p.copy_(state[n].to(p.dtype))
+
+
+def gather_adapter(model, groups, full, local) -> dict[str, torch.Tensor]:
+    """Walk every adapted linear and return unsharded tensors (collective).
+
+    Args:
+        model: The injected model.
+        groups: The EP/EDP groups.
+        full: ``param -> full CPU tensor`` for engine (ZeRO) parameters.
+        local: ``param -> local tensor`` for an EP shard; shards are all-gathered
+            over the EP group (global expert id = ep_rank * local + i).
+
+    Returns:
+        ``{name: tensor}`` in the naming of ``LoRAMoEModel.adapter_named_parameters``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for layer in model.moe_layers():
+        out[f"{layer.name}.router.weight"] = full(layer.router.weight)
+        if layer.experts is not None:
+            out[f"{layer.name}.experts.lora_A"] = full(layer.experts.lora_A)
+            out[f"{layer.name}.experts.lora_B"] = full(layer.experts.lora_B)
+            continue
+        for pname in ("lora_A", "lora_B"):
+            shard = local(getattr(layer.dispatcher.bank, pname))
+            parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
+            dist.all_gather(parts, shard, group=groups.ep_group)
+            out[f"{layer.name}.experts.{pname}"] = torch.cat(parts).cpu()
+    return out
