@@ -19,7 +19,7 @@
 
 SFT often changes answer *format* (terse or bare answers) more than knowledge,
 which the generation metric counts as forgetting; the ranking metric does not
-depend on format, so a drop in both is real forgetting (PLATFORM.md).
+depend on format, so a drop in both is real forgetting.
 
 Records: ``{instruction, input?, output, aliases?, distractors, task?}``.
 """

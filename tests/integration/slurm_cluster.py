@@ -1,7 +1,7 @@
 """A real single-node Slurm cluster for tests, all state under one scratch directory.
 
-Follows /work/shared/PLATFORM.md ("A real Slurm on one machine"), with three
-changes: a private ``munged`` (own key, socket and pid file under the scratch
+A minimal slurmctld + slurmd + munge setup (no systemd, no cgroups), with a
+private ``munged`` (own key, socket and pid file under the scratch
 dir, wired into Slurm with ``AuthInfo=socket=...``) and free TCP ports instead of
 6817/6818, so that it cannot collide with anything else on the machine; and
 ``cred_expire=10`` so a requeued job may start again after 10 s (default 120 s). Needs root
