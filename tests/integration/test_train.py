@@ -23,7 +23,7 @@ CONFIG = str(ROOT / "configs" / "tiny.yaml")
 BIN = Path(sys.executable).parent
 
 
-def _env(port: int) -> dict:
+def _env() -> dict:
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
         env.pop(k, None)
@@ -33,7 +33,6 @@ def _env(port: int) -> dict:
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(ROOT),
         TOKENIZERS_PARALLELISM="false",
-        LORAMOE_TEST_PORT=str(port),
     )
     return env
 
@@ -42,10 +41,8 @@ def _overrides(out: Path, steps: int = 6) -> list[str]:
     return [f"output.dir={out}", f"train.max_steps={steps}", "output.save_every=3"]
 
 
-def _run(cmd: list[str], port: int, expect: int = 0, timeout: int = 300) -> str:
-    p = subprocess.run(
-        cmd, cwd=ROOT, env=_env(port), capture_output=True, text=True, timeout=timeout
-    )
+def _run(cmd: list[str], expect: int = 0, timeout: int = 300) -> str:
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     assert p.returncode == expect, f"exit {p.returncode} (want {expect}):\n{out[-4000:]}"
     return out
@@ -64,7 +61,7 @@ def _deepspeed(out: Path, port: int, extra=(), expect=0, steps=6) -> str:
         *extra,
         *_overrides(out, steps),
     ]
-    return _run(cmd, port, expect)
+    return _run(cmd, expect)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -112,7 +109,7 @@ print(json.dumps({{"experts": m.total_experts()}}))
     p = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=_env(0),
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -151,7 +148,6 @@ def test_torchrun_and_mpirun_match_deepspeed(reference_run, tmp_path):
             CONFIG,
             *_overrides(out),
         ],
-        29631,
     )
     mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
     runs = {"torchrun": _losses(out)}
@@ -174,7 +170,6 @@ def test_torchrun_and_mpirun_match_deepspeed(reference_run, tmp_path):
                 CONFIG,
                 *_overrides(out2),
             ],
-            29641,
         )
         runs["mpirun"] = _losses(out2)
     else:
@@ -199,7 +194,7 @@ def test_two_nodes_on_loopback_match_single_node(reference_run, tmp_path):
             subprocess.Popen(
                 cmd,
                 cwd=ROOT,
-                env=_env(29651),
+                env=_env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -215,44 +210,33 @@ def test_two_nodes_on_loopback_match_single_node(reference_run, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
 
 
-def test_bad_config_fails_before_any_process_group(tmp_path):
-    """A bad ep_size is reported in one line, exit 2, without starting DeepSpeed."""
-    env = _env(0)
+def _direct(world: int, *args: str) -> subprocess.CompletedProcess:
+    """train.py in one plain process that believes it is rank 0 of ``world``.
+
+    ``MASTER_PORT=1``: any rendezvous attempt would fail loudly, so these runs
+    prove that planning and validation need no process group.
+    """
+    env = _env()
     env.update(
-        WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
-    )  # port 1: any rendezvous attempt would fail loudly
-    p = subprocess.run(
-        [sys.executable, TRAIN, "--config", CONFIG, "parallel.ep_size=3"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
     )
+    return subprocess.run(
+        [sys.executable, TRAIN, "--config", CONFIG, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_bad_config_fails_before_any_process_group():
+    """A bad ep_size is reported in one line, exit 2, without starting DeepSpeed."""
+    p = _direct(2, "parallel.ep_size=3")
     assert p.returncode == 2, p.stderr[-2000:]
     assert "error: ep_size=3 does not divide the world size 2" in p.stderr
-    p = subprocess.run(
-        [sys.executable, TRAIN, "--config", CONFIG, "adapter.num_experts=2x"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = _direct(2, "adapter.num_experts=2x")
     assert p.returncode == 2 and "invalid expert pattern '2x'" in p.stderr
 
 
 def test_dry_run_prints_plan():
-    env = _env(0)
-    env.update(WORLD_SIZE="4", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    p = subprocess.run(
-        [sys.executable, TRAIN, "--config", CONFIG, "--dry-run"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = _direct(4, "--dry-run")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "EP groups  [[0, 1], [2, 3]]" in p.stdout
     assert "EDP groups [[0, 2], [1, 3]]" in p.stdout
