@@ -84,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     tok = _tokenizer(args.tokenizer)
-    cfg = DataConfig(max_len=args.max_len, cache_dir=args.cache, num_proc=args.num_proc)
+    cfg = DataConfig(max_length=args.max_len, cache_dir=args.cache, num_proc=args.num_proc)
     base = _rss_mb()
     t0 = time.perf_counter()
     ds, stats = load_tokenized(

@@ -405,7 +405,7 @@ def train_one(
     from loramoe_ds.data import DataConfig, build_dataloader
 
     model, lm, params = build(method, model_dir, seed, device)
-    data_cfg = DataConfig(max_len=max_len, cache_dir=cache_dir, seed=seed)
+    data_cfg = DataConfig(max_length=max_len, cache_dir=cache_dir, seed=seed)
     loader = build_dataloader(train_file, tokenizer, data_cfg, batch_size=batch_size)
     opt = torch.optim.AdamW(params, lr=method.lr, betas=(0.9, 0.999), weight_decay=0.0)
     warmup = max(1, round(warmup_frac * steps))

@@ -8,6 +8,7 @@ process group starts.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -232,7 +233,7 @@ def train(
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from loramoe_ds.data import DataConfig, build_dataloader
+    from loramoe_ds.data import build_dataloader
     from loramoe_ds.launch.preempt import PreemptionHandler
     from loramoe_ds.metrics import MetricsLogger
     from loramoe_ds.parallel.checkpoint import latest_tag
@@ -255,12 +256,8 @@ def train(
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     tok = load_tokenizer(plan, is_main, dist.barrier)
-    data_cfg = DataConfig(
-        max_len=run.data.max_length,
-        task_type_names={**DataConfig().task_type_names, **run.data.task_type_names},
-        skip_bad_records=run.data.skip_bad_records,
-        cache_dir=str(out / "cache" / "data"),
-        seed=run.train.seed,
+    data_cfg = dataclasses.replace(
+        run.data, cache_dir=run.data.cache_dir or str(out / "cache" / "data")
     )
     loader = build_dataloader(
         _train_files(run),

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from loramoe_ds.config import AdapterConfig
+from loramoe_ds.data.config import DataConfig
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -55,36 +56,6 @@ class ModelConfig:
             raise ValueError(
                 f"model.name={self.name!r}: tiny models are tiny-llama, tiny-qwen2, tiny-mistral"
             )
-
-
-@dataclass
-class DataSection:
-    """Training and evaluation data."""
-
-    train_files: list[str] = field(default_factory=lambda: ["demo"])
-    """JSONL/JSON/Parquet files of ``{instruction, input, output, task_type}``
-    records; ``demo`` means the shipped demo mix."""
-
-    max_length: int = 128
-    """Tokens per example (prompt + response); longer responses are truncated
-    and counted."""
-
-    task_type_names: dict[str, int] = field(default_factory=dict)
-    """Optional map from string task types to 1 (world knowledge) / 0 (downstream)."""
-
-    skip_bad_records: bool = False
-    """Count and report invalid records instead of stopping at the first."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train_files, str):
-            self.train_files = [self.train_files]
-        if not self.train_files:
-            raise ValueError("data.train_files is empty; give at least one file (or 'demo')")
-        if self.max_length < 8:
-            raise ValueError(f"data.max_length={self.max_length}: must be >= 8")
-        for k, v in self.task_type_names.items():
-            if v not in (0, 1):
-                raise ValueError(f"data.task_type_names[{k!r}]={v!r}: must map to 0 or 1")
 
 
 @dataclass
@@ -178,7 +149,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -186,7 +157,7 @@ class RunConfig:
     SECTIONS = {
         "model": ModelConfig,
         "adapter": AdapterConfig,
-        "data": DataSection,
+        "data": DataConfig,
         "train": TrainSection,
         "parallel": ParallelSection,
         "output": OutputSection,

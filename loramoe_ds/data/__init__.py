@@ -2,7 +2,7 @@
 
 Typical use from a training loop::
 
-    loader = build_dataloader("train.jsonl", tokenizer, DataConfig(max_len=256),
+    loader = build_dataloader("train.jsonl", tokenizer, DataConfig(max_length=256),
                               batch_size=4, rank=rank, world_size=world)
     for batch in loader:           # one epoch; iterate again for the next
         ...                        # batch["input_ids"|"attention_mask"|"labels"|"task_type"]

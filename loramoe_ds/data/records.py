@@ -53,7 +53,7 @@ class DataStats:
     """The first :data:`MAX_ERROR_EXAMPLES` skip messages, ``path:line: ...``."""
 
     truncated: int = 0
-    """Records whose response was cut to fit ``max_len``."""
+    """Records whose response was cut to fit ``max_length``."""
 
     tokens: int = 0
     """Total tokens (prompt + response) in the kept records."""

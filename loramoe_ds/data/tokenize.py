@@ -9,7 +9,7 @@ SFT). The prompt is the tokenizer's chat template (user message =
 
 Tokenisation runs once, on the main process, through ``datasets.Dataset.map``
 into a cache directory keyed by a fingerprint of (file contents, tokenizer,
-max_len, template, task-type names). Other ranks wait on a barrier and then
+max_length, template, task-type names). Other ranks wait on a barrier and then
 ``load_from_disk`` the same Arrow files memory-mapped, so a large file is
 neither tokenised nor held in RAM once per rank, and a resumed run does not
 re-tokenise.
@@ -165,7 +165,7 @@ def dataset_fingerprint(paths: Sequence[Path], tokenizer: Any, cfg: DataConfig) 
         "version": FORMAT_VERSION,
         "files": [[p.name, p.stat().st_size, file_fingerprint(p)] for p in paths],
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_len": cfg.max_len,
+        "max_length": cfg.max_length,
         "template": PromptFormatter(tokenizer, cfg).describe(),
         "task_type_names": sorted(cfg.task_type_names.items()),
         "skip_bad_records": cfg.skip_bad_records,
@@ -222,7 +222,7 @@ class _Tokenize:
     def __init__(self, tokenizer: Any, cfg: DataConfig, paths: Sequence[Path]) -> None:
         self.tokenizer = tokenizer
         self.fmt = PromptFormatter(tokenizer, cfg)
-        self.max_len = cfg.max_len
+        self.max_length = cfg.max_length
         self.skip_bad = cfg.skip_bad_records
         self.eos = _eos_id(tokenizer)
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -239,23 +239,23 @@ class _Tokenize:
         for j, (p, r) in enumerate(zip(p_ids, r_ids)):
             p = self.prefix + p
             bad = ""
-            if len(p) >= self.max_len:
+            if len(p) >= self.max_length:
                 where = f"{self.paths[batch['source'][j]]}:{batch['line'][j]}"
                 msg = (
                     f"{where}: field 'instruction'/'input': prompt is {len(p)} tokens, "
-                    f"max_len={self.max_len} leaves no room for the response"
+                    f"max_length={self.max_length} leaves no room for the response"
                 )
                 if not self.skip_bad:
                     raise DataError(msg)
                 bad = msg
             ids = p + r + [self.eos]
-            truncated = len(ids) > self.max_len
+            truncated = len(ids) > self.max_length
             if not r:
                 where = f"{self.paths[batch['source'][j]]}:{batch['line'][j]}"
                 bad = bad or f"{where}: field 'output' is empty after tokenisation"
                 if not self.skip_bad:
                     raise DataError(bad)
-            out["input_ids"].append(ids[: self.max_len])
+            out["input_ids"].append(ids[: self.max_length])
             out["prompt_len"].append(len(p))
             out["truncated"].append(truncated and not bad)
             out["bad"].append(bad)
@@ -392,7 +392,7 @@ def _build(paths: list[Path], tokenizer: Any, cfg: DataConfig, final: Path) -> N
         n_bad = pc.sum(is_bad).as_py() or 0
         if n_bad:
             for msg in tok.filter(lambda b: b != "", input_columns="bad")["bad"]:
-                reason = "prompt too long" if "max_len" in msg else "empty output"
+                reason = "prompt too long" if "max_length" in msg else "empty output"
                 stats.record_bad(DataError(msg), reason)
             tok = tok.filter(lambda b: b == "", input_columns="bad", keep_in_memory=False)
         stats.truncated = pc.sum(tok.data.column("truncated")).as_py() or 0

@@ -44,7 +44,7 @@ def test_two_training_steps_on_demo_data(smollm2, tmp_path) -> None:
 
     _, tok, model = smollm2
     torch.manual_seed(0)
-    cfg = DataConfig(max_len=128, cache_dir=str(tmp_path / "cache"), seed=0)
+    cfg = DataConfig(max_length=128, cache_dir=str(tmp_path / "cache"), seed=0)
     loader = build_dataloader(demo_path("train.jsonl"), tok, cfg, batch_size=2)
     assert loader.stats.bad_records == 0 and loader.stats.truncated == 0
     assert loader.stats.tokens / loader.stats.records_kept < 64 + 40  # short examples

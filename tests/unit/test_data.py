@@ -48,7 +48,7 @@ def _write_jsonl(path: Path, rows: list, raw_lines: dict[int, str] | None = None
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> DataConfig:
-    return DataConfig(max_len=64, cache_dir=str(tmp_path / "cache"))
+    return DataConfig(max_length=64, cache_dir=str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_truncation_is_counted(tmp_path: Path, tok) -> None:
     long_out = " ".join(["apple pear fig plum"] * 20)
     rows = [*RECORDS, {"instruction": "List fruit.", "output": long_out, "task_type": 0}]
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
-    cfg = DataConfig(max_len=60, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(max_length=60, cache_dir=str(tmp_path / "c"))
     ds, stats = load_tokenized(path, tok, cfg)
     assert stats.truncated == 1 and stats.records_kept == len(rows)
     assert len(ds[len(rows) - 1]["input_ids"]) == 60
@@ -188,7 +188,7 @@ BAD_CASES = {
     ),
     "prompt_too_long": (
         {"instruction": "apple pear " * 60, "output": "y", "task_type": 0},
-        "max_len=64 leaves no room",
+        "max_length=64 leaves no room",
         "instruction",
     ),
 }
@@ -222,7 +222,7 @@ def test_bad_record_raises_with_file_line_field(
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_skip_mode_counts_bad_records(tmp_path: Path, tok, case: str, caplog) -> None:
     path = _bad_file(tmp_path, case)
-    cfg = DataConfig(max_len=64, cache_dir=str(tmp_path / "c"), skip_bad_records=True)
+    cfg = DataConfig(max_length=64, cache_dir=str(tmp_path / "c"), skip_bad_records=True)
     with caplog.at_level("WARNING"):
         ds, stats = load_tokenized(path, tok, cfg)
     assert len(ds) == stats.records_kept == 19
@@ -242,12 +242,25 @@ def test_json_array_errors_name_record(tmp_path: Path, cfg: DataConfig, tok) -> 
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="template"):
         DataConfig(template="alpaca")
-    with pytest.raises(ValueError, match="max_len"):
-        DataConfig(max_len=1)
+    with pytest.raises(ValueError, match="max_length"):
+        DataConfig(max_length=1)
     with pytest.raises(ValueError, match="task_type_names"):
         DataConfig(task_type_names={"x": 2})
-    cfg = DataConfig(task_type_names={"qa": 1, "tool": 0})
-    assert cfg.task_type_names == {"qa": 1, "tool": 0}
+    cfg = DataConfig(task_type_names={"qa": 1, "tool": 0, "knowledge": 0})
+    # merged over the defaults; an entry given wins
+    assert cfg.task_type_names == {"world_knowledge": 1, "knowledge": 0, "downstream": 0,
+                                   "qa": 1, "tool": 0}  # fmt: skip
+
+
+def test_run_config_data_section_is_data_config() -> None:
+    """One type, one name per field: the run's ``data:`` section is the pipeline's DataConfig."""
+    from loramoe_ds.run_config import RunConfig
+
+    run = RunConfig.from_dict({"data": {"max_length": 64, "packing": True, "template": "plain"}})
+    assert type(run.data) is DataConfig
+    assert (run.data.max_length, run.data.packing, run.data.template) == (64, True, "plain")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['max_len'\]"):
+        RunConfig.from_dict({"data": {"max_len": 64}})
 
 
 # ------------------------------------------------------------------------------- cache
@@ -262,8 +275,8 @@ def test_second_call_reuses_cache_without_tokenising(tmp_path: Path, cfg: DataCo
     assert ds2["input_ids"] == ds1["input_ids"]
     # Memory-mapped from the cache directory, not an in-memory copy.
     assert all(f["filename"].startswith(cfg.cache_dir) for f in ds2.cache_files)
-    # A different max_len, tokenizer template or file content is a different cache entry.
-    _, s3 = load_tokenized(path, tok, DataConfig(max_len=48, cache_dir=cfg.cache_dir))
+    # A different max_length, tokenizer template or file content is a different cache entry.
+    _, s3 = load_tokenized(path, tok, DataConfig(max_length=48, cache_dir=cfg.cache_dir))
     _, s4 = load_tokenized(path, tiny_tokenizer(chat=True), cfg)
     _write_jsonl(path, RECORDS[:3])
     ds5, s5 = load_tokenized(path, tok, cfg)
