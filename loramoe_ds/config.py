@@ -13,6 +13,8 @@ from typing import Any
 from loramoe_ds.allocation import experts_per_layer, parse_pattern
 
 ROUTERS = ("soft", "topk")
+LBC_VARIANTS = ("published", "intended")
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 LORAMOE_TARGETS = ("gate_proj", "up_proj", "down_proj")
 MOLA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,6 +55,22 @@ class AdapterConfig:
 
     lbc_beta: float = 0.1
     """Weight of the LBC loss (summed over adapted linears); 0 disables it."""
+
+    lbc_variant: str = "published"
+    """Form of the LBC (docs/design.md, "Localized balancing constraint"):
+    ``"published"``: ``Z = I * Q``, the paper's formula and the official code; its
+    optimum gives the group that *matches* the sample type a share ``(1-delta)/2``
+    of the router weight (the opposite of the stated purpose). ``"intended"``:
+    ``Z = Q / I``, whose optimum gives the matching group ``(1+delta)/2``."""
+
+    aux_loss_scope: str = "micro_batch"
+    """Batch over which the LBC and the load-balancing loss are computed:
+    ``"micro_batch"``: each rank's own micro-batch; ``"global_batch"``: the
+    per-record ``Q`` (LBC) and the load-balance ``f``/``P`` sums are gathered over
+    every data-parallel rank of the micro-step, so loss and gradients equal those
+    of one process holding all those ranks' samples. Gradient-accumulation
+    micro-steps stay separate (each is its own global micro-batch; their losses
+    are averaged). The z-loss is a per-token mean and is unaffected."""
 
     load_balance_coef: float = 0.0
     """Weight of the Switch/MoLA load-balancing loss (summed over layers); MoLA
@@ -103,6 +121,14 @@ class AdapterConfig:
                 f"num_experts={self.num_experts!r}: give an int, a per-layer list of ints, "
                 "or a pattern such as '2468' or 'inverted_triangle'"
             )
+        if self.lbc_variant not in LBC_VARIANTS:
+            raise ValueError(
+                f"lbc_variant={self.lbc_variant!r}: valid values are {list(LBC_VARIANTS)}"
+            )
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(
+                f"aux_loss_scope={self.aux_loss_scope!r}: valid values are {list(AUX_LOSS_SCOPES)}"
+            )
         if not 0.0 <= self.lbc_delta < 1.0:
             raise ValueError(f"lbc_delta={self.lbc_delta!r}: must be in [0, 1)")
         for name in ("lbc_beta", "load_balance_coef", "z_loss_coef"):
@@ -149,24 +175,3 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"unknown adapter field(s) {unknown}; valid fields: {sorted(names)}")
         return cls(**d)
-
-
-# Preset helpers used by configs and benchmarks.
-def loramoe_preset(**overrides: Any) -> AdapterConfig:
-    """LoRAMoE defaults (paper: 6 experts, r=4, alpha=32, delta=beta=0.1, FFN)."""
-    return AdapterConfig(**overrides)
-
-
-def mola_preset(**overrides: Any) -> AdapterConfig:
-    """MoLA defaults: top-2 on all projections, '2468', no LBC."""
-    base: dict[str, Any] = dict(
-        target_modules=MOLA_TARGETS,
-        rank=8,
-        alpha=16.0,
-        router="topk",
-        top_k=2,
-        num_experts="2468",
-        lbc_beta=0.0,
-    )
-    base.update(overrides)
-    return AdapterConfig(**base)

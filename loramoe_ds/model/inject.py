@@ -1,15 +1,18 @@
 """Wrap any ``transformers`` causal LM with routed LoRA experts, from the outside.
 
-Shape legend: B samples, S positions, T = B*S tokens, D hidden, V vocabulary,
-E experts, K top-k, N labelled positions.
+Shape legend: B rows, S positions, T = B*S tokens, D hidden, V vocabulary,
+E experts, K top-k, L labelled positions, N records (rows of an unpacked batch,
+or segments of packed rows), C columns of gathered per-record sums.
 
 :func:`inject` replaces each matching ``nn.Linear`` (by name suffix) with a
 :class:`~loramoe_ds.model.moe_linear.MoELoRALinear`, freezes every base
 parameter and returns a :class:`LoRAMoEModel` whose forward takes the batch
 (``input_ids, attention_mask, labels, task_type``) and returns the LM loss, each
-auxiliary loss and their weighted total. No transformers file is edited or
-copied; per-forward routing information reaches the losses through a recorder
-object that lives only for the duration of one forward (no module globals).
+auxiliary loss and their weighted total. Packed rows (several records per row)
+are described by ``position_ids`` and ``seq_ids`` (see :meth:`LoRAMoEModel.forward`).
+No transformers file is edited or copied; per-forward routing information
+reaches the losses through a recorder object that lives only for the duration
+of one forward (no module globals).
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
 from loramoe_ds.config import AdapterConfig
-from loramoe_ds.model.losses import lbc_loss, load_balance_loss, z_loss
+from loramoe_ds.model.losses import (
+    lbc_from_sums,
+    load_balance_from_sums,
+    load_balance_sums,
+    record_sums,
+    z_loss,
+)
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.model.router import Routing
 
@@ -40,7 +51,9 @@ class LoRAMoEOutput(ModelOutput):
 
     Attributes:
         loss: ``lm_loss + lbc_beta*lbc + lb_coef*load_balance + z_coef*z``.
-        lm_loss: Mean next-token cross-entropy over labelled positions.
+        lm_loss: Next-token cross-entropy summed over labelled positions, divided by
+            ``num_items_in_batch`` when given, else by this batch's labelled count.
+        lm_loss_sum: The sum itself (fp32), for token-mean reductions across ranks.
         lbc_loss: Sum over adapted linears of the LBC (unweighted).
         load_balance_loss: Sum over decoder layers of the load-balancing loss.
         z_loss: Sum over adapted linears of the router z-loss.
@@ -50,6 +63,7 @@ class LoRAMoEOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
+    lm_loss_sum: torch.Tensor | None = None
     lbc_loss: torch.Tensor | None = None
     load_balance_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
@@ -86,6 +100,41 @@ def _num_layers(model: nn.Module) -> int:
     raise ValueError(f"cannot find the number of layers in {type(cfg).__name__}")
 
 
+def _find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
+    """Every ``nn.Linear`` whose name ends in a target suffix; refuse anything else.
+
+    Raises:
+        ValueError: A target suffix names a module that is not an ``nn.Linear``
+            or a bare parameter (e.g. 3-D expert weights), or nothing matches.
+    """
+    targets, linear_suffixes, others = [], set(), []
+    for name, module in model.named_modules():
+        suffix = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear):
+            linear_suffixes.add(suffix)
+            if suffix in target_modules:
+                targets.append((name, module))
+        elif suffix in target_modules and name:
+            others.append(f"{name} ({type(module).__name__})")
+    for name, param in model.named_parameters():
+        owner, _, pname = name.rpartition(".")
+        if pname in target_modules:
+            others.append(f"{name} (a {param.dim()}-D parameter of {owner or 'the model'})")
+    if others:
+        raise ValueError(
+            f"target_modules={list(target_modules)} names {len(others)} module(s) that are not "
+            f"nn.Linear, e.g. {others[:3]}; loramoe-ds adapts nn.Linear layers only (Llama, "
+            "Mistral, Qwen2, Gemma, Granite, ... FFN and attention projections). Choose "
+            f"targets among the model's nn.Linear names: {sorted(linear_suffixes)}"
+        )
+    if not targets:
+        raise ValueError(
+            f"target_modules={list(target_modules)} matched no nn.Linear in "
+            f"{type(model).__name__}; its linear names end in {sorted(linear_suffixes)}"
+        )
+    return targets
+
+
 def inject(model: nn.Module, cfg: AdapterConfig) -> LoRAMoEModel:
     """Add routed LoRA experts to every matching linear of a causal LM.
 
@@ -99,26 +148,16 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> LoRAMoEModel:
         are trainable.
 
     Raises:
-        ValueError: If no linear matches ``cfg.target_modules`` or a matching
-            linear has no decoder layer index in its name.
+        ValueError: If no linear matches ``cfg.target_modules``, a matching
+            linear has no decoder layer index in its name, or a target name
+            belongs to something other than an ``nn.Linear`` (GPT-2's ``Conv1D``,
+            MoE experts stored as 3-D parameters): only ``nn.Linear`` is adapted,
+            and adapting some layers while silently skipping others is refused.
     """
     for p in model.parameters():
         p.requires_grad_(False)
     counts = cfg.layer_experts(_num_layers(model))
-    targets = []
-    linear_suffixes = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        suffix = name.rsplit(".", 1)[-1]
-        linear_suffixes.add(suffix)
-        if suffix in cfg.target_modules:
-            targets.append((name, module))
-    if not targets:
-        raise ValueError(
-            f"target_modules={list(cfg.target_modules)} matched no nn.Linear in "
-            f"{type(model).__name__}; its linear names end in {sorted(linear_suffixes)}"
-        )
+    targets = _find_targets(model, cfg.target_modules)
     for name, linear in targets:
         idx = _layer_index(name)
         if idx is None or idx >= len(counts):
@@ -146,6 +185,53 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> LoRAMoEModel:
     return LoRAMoEModel(model, cfg, counts)
 
 
+class AuxGather(Protocol):
+    """Concatenates rows over the data-parallel ranks (``loramoe_ds.parallel.aux_scope``).
+
+    ``t_NX -> t_MX`` with M the sum of every rank's N; its backward sums the
+    incoming gradients over ranks and returns this rank's rows.
+    """
+
+    def __call__(self, t_NX: torch.Tensor) -> torch.Tensor: ...
+
+
+def _records(mask_BS, seq_ids_BS, task_type):
+    """Record index of every token and the type of every record.
+
+    Unpacked: record = row (``N = B``; padding gets -1). Packed: record = (row,
+    seq id), numbered in row-major order of first appearance.
+
+    Returns:
+        ``(seg_T, N, type_N or None)``.
+    """
+    B, S = mask_BS.shape
+    dev = mask_BS.device
+    if seq_ids_BS is None:
+        rows_BS = torch.arange(B, device=dev)[:, None].expand(B, S)
+        seg_T = torch.where(mask_BS.bool(), rows_BS, -1).reshape(-1)
+        type_N = None
+        if task_type is not None:
+            type_N = task_type.to(dev)
+            if type_N.dim() == 2:  # per token: the first real token's value per row
+                first_B = mask_BS.long().argmax(dim=1)
+                type_N = type_N.gather(1, first_B[:, None])[:, 0]
+        return seg_T, B, type_N
+    key_T = (torch.arange(B, device=dev)[:, None] * (S + 1) + seq_ids_BS.clamp(min=0)).reshape(-1)
+    real_T = (seq_ids_BS >= 0).reshape(-1)
+    uniq, inv_T = torch.unique(key_T[real_T], return_inverse=True)
+    seg_T = torch.full_like(key_T, -1)
+    seg_T[real_T] = inv_T
+    n = int(uniq.numel())
+    type_N = None
+    if task_type is not None:
+        tt = task_type.to(dev)
+        if tt.dim() == 1:
+            tt = tt[:, None].expand(B, S)
+        type_N = torch.zeros(n, dtype=torch.long, device=dev)
+        type_N[inv_T] = tt.reshape(-1)[real_T].long()
+    return seg_T, n, type_N
+
+
 class LoRAMoEModel(nn.Module):
     """A causal LM with routed LoRA experts and explicit auxiliary losses.
 
@@ -160,6 +246,9 @@ class LoRAMoEModel(nn.Module):
         self.base = base
         self.cfg = cfg
         self.experts_per_layer = list(experts_per_layer)
+        # Plain attribute (not a submodule), set from outside for
+        # aux_loss_scope="global_batch": rows -> rows of every data-parallel rank.
+        self.aux_gather: AuxGather | None = None
 
     # -- structure -------------------------------------------------------
     def moe_layers(self) -> list[MoELoRALinear]:
@@ -190,6 +279,9 @@ class LoRAMoEModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         task_type: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        num_items_in_batch: float | torch.Tensor | None = None,
         **kwargs,
     ) -> LoRAMoEOutput:
         """Run the LM and compute the LM and auxiliary losses.
@@ -197,39 +289,67 @@ class LoRAMoEModel(nn.Module):
         Args:
             input_ids: ``(B, S)`` token ids.
             attention_mask: ``(B, S)``, 1 for real tokens (default: all ones).
+                Ignored for packed rows (``seq_ids`` given).
             labels: ``(B, S)``, -100 where no loss is taken; the loss at position
                 t predicts ``labels[t]`` from tokens ``< t`` (HF convention).
-            task_type: ``(B,)`` 1 = world knowledge, 0 = downstream (needed when
-                ``lbc_beta > 0``).
+            task_type: 1 = world knowledge, 0 = downstream: ``(B,)`` per row, or
+                ``(B, S)`` per token (packed rows: each token carries its
+                record's type). Needed when ``lbc_beta > 0``.
+            position_ids: ``(B, S)``; for packed rows they restart at 0 for every
+                record, and the model's own attention masking (transformers builds
+                a block-diagonal causal mask from them, or varlen flash attention
+                uses them) keeps records from attending to each other.
+            seq_ids: ``(B, S)`` packed rows: the record index of each token within
+                its row (records of a row have distinct ids), -1 on padding. The
+                LBC's Q is then a per-record sum.
+            num_items_in_batch: Divide the summed LM loss by this (e.g. the
+                labelled tokens of a whole optimizer step) instead of by this
+                batch's labelled-token count (transformers' convention).
             **kwargs: Passed to the base model.
 
         Returns:
             :class:`LoRAMoEOutput`.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        packed = seq_ids is not None
+        if packed:
+            if position_ids is None:
+                raise ValueError("packed rows (seq_ids given) need position_ids")
+            token_mask_BS = (seq_ids >= 0).long()
+            base_mask = None  # the model masks by position_ids
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            token_mask_BS = attention_mask
+            base_mask = attention_mask
         if labels is not None and task_type is None and self.cfg.lbc_beta > 0:
             raise ValueError(
                 "lbc_beta > 0 needs the per-sample task_type (1 = world knowledge, "
                 "0 = downstream) in the batch; set lbc_beta=0 to train without the LBC"
             )
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         recorder = _Recorder()
         layers = self.moe_layers()
         for layer in layers:
             layer.recorder = recorder
         try:
             if labels is None:
-                logits = self.base(
-                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
-                ).logits
-                lm_loss, n_lab = None, 0
+                logits = self.base(input_ids=input_ids, attention_mask=base_mask, **kwargs).logits
+                lm_loss = lm_sum = None
+                n_lab = 0
             else:
                 logits = None
-                lm_loss, n_lab = self._lm_loss(input_ids, attention_mask, labels, **kwargs)
+                lm_sum, n_lab = self._lm_loss_sum(input_ids, base_mask, labels, **kwargs)
+                denom = n_lab if num_items_in_batch is None else num_items_in_batch
+                if torch.is_tensor(denom):
+                    denom = denom.to(lm_sum.device, torch.float32)
+                lm_loss = lm_sum / denom if n_lab or num_items_in_batch is not None else lm_sum
         finally:
             for layer in layers:
                 layer.recorder = None
-        lbc, lb, zl = self._aux_losses(recorder, attention_mask, task_type)
+        self._check_recorded_with_grad(recorder)
+        seg_T, n_rec, type_N = _records(token_mask_BS, seq_ids, task_type)
+        lbc, lb, zl = self._aux_losses(recorder, token_mask_BS.reshape(-1), seg_T, n_rec, type_N)
         loss = None
         if lm_loss is not None:
             loss = (
@@ -241,6 +361,7 @@ class LoRAMoEModel(nn.Module):
         return LoRAMoEOutput(
             loss=loss,
             lm_loss=lm_loss,
+            lm_loss_sum=lm_sum,
             lbc_loss=lbc,
             load_balance_loss=lb,
             z_loss=zl,
@@ -248,46 +369,108 @@ class LoRAMoEModel(nn.Module):
             num_label_tokens=n_lab,
         )
 
-    def _lm_loss(self, input_ids, attention_mask, labels, **kwargs):
-        """Cross-entropy computed only at labelled positions (saves the V-wide head)."""
-        decoder = self.base.get_decoder()
-        h_BSD = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+    def _lm_loss_sum(self, input_ids, attention_mask, labels, **kwargs):
+        """Summed next-token cross-entropy (fp32) over labelled positions, and their count.
+
+        The head runs through the model's own forward, so every architecture's
+        logit scaling (Granite's ``logits_scaling``, Cohere's ``logit_scale``,
+        Gemma's soft-capping, ...) is the model's own. A pre-forward hook on the
+        output embedding hands it only the hidden states of labelled positions
+        (``(1, L, D)`` instead of ``(B, S, D)``): the V-wide head is computed for
+        those rows only, and everything after it in the model is element-wise.
+        """
         target_BS = labels[:, 1:]
         keep_BS = target_BS != -100
-        h_ND = h_BSD[:, :-1][keep_BS]
-        logits_NV = self.base.get_output_embeddings()(h_ND).float()
-        cap = getattr(self.base.config, "final_logit_softcapping", None)
-        if cap:
-            logits_NV = torch.tanh(logits_NV / cap) * cap
+        head = self.base.get_output_embeddings()
+
+        def only_labelled(_module, args):
+            h_BSD = args[0]
+            return (h_BSD[:, :-1][keep_BS].unsqueeze(0),) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(only_labelled)
+        try:
+            logits = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        finally:
+            handle.remove()
+        logits_LV = logits.reshape(-1, logits.shape[-1]).float()
         n = int(keep_BS.sum())
+        if logits_LV.shape[0] != n:
+            raise RuntimeError(
+                f"{type(self.base).__name__}: the output head returned {logits_LV.shape[0]} rows "
+                f"for {n} labelled positions; this architecture post-processes logits by "
+                "position and is not supported"
+            )
         if n == 0:
-            return logits_NV.sum() * 0.0, 0
-        loss = torch.nn.functional.cross_entropy(logits_NV, target_BS[keep_BS], reduction="mean")
+            return logits_LV.sum() * 0.0, 0
+        loss = F.cross_entropy(logits_LV, target_BS[keep_BS], reduction="sum")
         return loss, n
 
-    def _aux_losses(self, recorder: _Recorder, attention_mask, task_type):
-        mask_BS = attention_mask
-        mask_T = mask_BS.reshape(-1)
-        dev = mask_BS.device
-        lbc = torch.zeros((), device=dev)
-        zl = torch.zeros((), device=dev)
-        by_layer: dict[int, list[Routing]] = {}
+    def _check_recorded_with_grad(self, recorder: _Recorder) -> None:
+        """Refuse routing recorded without autograd while aux losses should train routers.
+
+        Reentrant activation checkpointing runs the first forward under no-grad:
+        the aux losses would then be constants and silently give routers no
+        gradient. Non-reentrant checkpointing records routing with autograd.
+        """
+        if not (torch.is_grad_enabled() and self.training):
+            return
+        if not (self.cfg.lbc_beta or self.cfg.load_balance_coef or self.cfg.z_loss_coef):
+            return
         for layer, routing in recorder.records.values():
-            E = routing.num_experts
-            if task_type is not None:
-                lbc = lbc + lbc_loss(
-                    routing.probs_TE.view(*mask_BS.shape, E), mask_BS, task_type, self.cfg.lbc_delta
+            if layer.router.weight.requires_grad and not routing.probs_TE.requires_grad:
+                raise RuntimeError(
+                    f"{layer.name}: routing was recorded without autograd, so the auxiliary "
+                    "losses would give the routers no gradient. This happens under reentrant "
+                    "activation checkpointing; use non-reentrant checkpointing "
+                    '(gradient_checkpointing_kwargs={"use_reentrant": False}, what '
+                    "train.activation_checkpointing does)"
                 )
+
+    def _aux_losses(self, recorder: _Recorder, mask_T, seg_T, n_rec, type_N):
+        """LBC (per adapted linear), load balance (per decoder layer), z-loss.
+
+        With ``aux_gather`` set (``aux_loss_scope = "global_batch"``) the
+        per-record sums ``Q`` of every adapted linear (one matrix, one gather)
+        and the load-balance sums of every layer (one vector, one gather) are
+        joined over the data-parallel ranks first.
+        """
+        dev = mask_T.device
+        records = list(recorder.records.values())
+        zl = torch.zeros((), device=dev)
+        for _, routing in records:
             zl = zl + z_loss(routing.logits_TE, mask_T)
+
+        lbc = torch.zeros((), device=dev)
+        if type_N is not None and records:
+            q_NC = torch.cat([record_sums(r.probs_TE, seg_T, n_rec) for _, r in records], 1)
+            if self.aux_gather is not None:
+                both = self.aux_gather(torch.cat([q_NC, type_N.to(q_NC)[:, None]], 1))
+                q_NC, type_N = both[:, :-1], both[:, -1].round().long()
+            col = 0
+            for _, routing in records:
+                E = routing.num_experts
+                q_NE = q_NC[:, col : col + E]
+                col += E
+                lbc = lbc + lbc_from_sums(q_NE, type_N, self.cfg.lbc_delta, self.cfg.lbc_variant)
+
+        by_layer: dict[int, list[Routing]] = {}
+        for layer, routing in records:
             by_layer.setdefault(layer.layer_idx, []).append(routing)
-        lb = torch.zeros((), device=dev)
+        sums, shapes = [], []
         for routings in by_layer.values():
             probs = torch.cat([r.probs_TE for r in routings])
-            if routings[0].is_soft:
-                experts = None
-            else:
-                experts = torch.cat([r.experts_TK for r in routings])
-            lb = lb + load_balance_loss(probs, experts, mask_T.repeat(len(routings)))
+            experts = None if routings[0].is_soft else torch.cat([r.experts_TK for r in routings])
+            sums.append(load_balance_sums(probs, experts, mask_T.repeat(len(routings))))
+            shapes.append((routings[0].num_experts, 1 if experts is None else experts.shape[-1]))
+        lb = torch.zeros((), device=dev)
+        if sums:
+            flat_X = torch.cat(sums)
+            if self.aux_gather is not None:
+                flat_X = self.aux_gather(flat_X[None]).sum(0)
+            off = 0
+            for E, K in shapes:
+                lb = lb + load_balance_from_sums(flat_X[off : off + 2 * E + 1], E, K)
+                off += 2 * E + 1
         return lbc, lb, zl
 
     # -- adapter I/O -----------------------------------------------------
