@@ -1,9 +1,16 @@
 """Run configuration: model, adapter, data, optimisation, parallelism, output.
 
 Loaded from YAML or JSON, with ``key=value`` command-line overrides (dotted
-keys: ``train.lr=2e-4 adapter.num_experts=2468``). Validated in full -- including
+keys: ``train.lr=2e-4 adapter.num_experts=2,4,6,8``). Validated in full -- including
 against the DeepSpeed JSON -- *before* any process group is created, so a typo
 costs seconds, not a queue slot.
+
+Every value is first converted to its field's annotated type
+(:mod:`loramoe_ds.coerce`): YAML ``lr: 2e-4`` (a string to PyYAML) becomes the
+float 0.0002, ``max_steps: 1e3`` the int 1000, and ``train.lr=abc`` is rejected
+with one line naming the field, the value and the expected type. This is
+generic over the fields of every section class, so a section replaced by
+another dataclass is coerced the same way.
 
 Derived numbers are computed once here: ``global_batch = micro_batch_size x
 grad_accum x data_parallel_size``; the DeepSpeed JSON is filled in from the run
@@ -21,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from loramoe_ds.coerce import coerce_fields
 from loramoe_ds.config import AdapterConfig
 from loramoe_ds.data.config import DataConfig
 
@@ -55,6 +63,13 @@ class ModelConfig:
         if self.name.startswith("tiny-") and self.name[5:] not in ("llama", "qwen2", "mistral"):
             raise ValueError(
                 f"model.name={self.name!r}: tiny models are tiny-llama, tiny-qwen2, tiny-mistral"
+            )
+        if self.tiny_layers < 1:
+            raise ValueError(f"model.tiny_layers={self.tiny_layers}: must be >= 1")
+        if self.tiny_hidden < 8 or self.tiny_hidden % 8:
+            raise ValueError(
+                f"model.tiny_hidden={self.tiny_hidden}: must be a multiple of 8 (4 heads of an "
+                "even head size)"
             )
 
 
@@ -101,8 +116,11 @@ class TrainSection:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"train.lr={self.lr}: must be > 0")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train.warmup_steps, weight_decay and grad_clip must be >= 0")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: valid values {list(PRECISIONS)}")
 
@@ -140,7 +158,18 @@ class OutputSection:
     """Metrics every N steps."""
 
     keep_checkpoints: int = 2
-    """Checkpoints kept on disk (older ones removed after a successful save)."""
+    """Checkpoints kept on disk (older ones removed after a successful save; 0 keeps all)."""
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ValueError("output.dir is empty; give an output directory")
+        if self.save_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError(
+                f"output.save_every={self.save_every}, output.keep_checkpoints="
+                f"{self.keep_checkpoints}: must be >= 0"
+            )
+        if self.log_every < 1:
+            raise ValueError(f"output.log_every={self.log_every}: must be >= 1")
 
 
 @dataclass
@@ -175,6 +204,10 @@ class RunConfig:
             if not isinstance(sec, dict):
                 raise ValueError(f"{where}: section {name!r} must be a mapping, got {sec!r}")
             _check_fields(sec_cls, sec, f"{where}: section {name!r}")
+            try:
+                sec = coerce_fields(sec_cls, sec, name)
+            except ValueError as e:  # already names section.field
+                raise ValueError(f"{where}: {e}") from e
             try:
                 kwargs[name] = sec_cls(**sec)
             except (ValueError, TypeError) as e:

@@ -75,3 +75,79 @@ def test_load_ds_config_errors(tmp_path):
         load_ds_config(p)
     p = _write(tmp_path, json.dumps({"train_micro_batch_size_per_gpu": 4}), "ok.json")
     assert load_ds_config(p)["train_micro_batch_size_per_gpu"] == 4
+
+
+# ------------------------------------------------------------------ value types
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("train.lr=abc", r"^overrides: train.lr='abc': expected a float"),
+        ("train.max_steps=abc", r"^overrides: train.max_steps='abc': expected an int$"),
+        ("parallel.ep_size=abc", r"^overrides: parallel.ep_size='abc': expected an int$"),
+        ("train.max_steps=2.5", r"train.max_steps=2.5: expected an int$"),
+        ("train.seed=true", r"train.seed=True: expected an int$"),
+        ("train.lr=inf", r"train.lr=inf: expected a float"),
+        ("data.skip_bad_records=maybe", r"data.skip_bad_records='maybe': expected a bool"),
+        ("adapter.alpha=[1]", r"adapter.alpha=\[1\]: expected a float"),
+        ("train.precision=null", r"train.precision=None: expected a str$"),
+    ],
+)
+def test_wrong_type_names_field_value_and_type(override, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        load_run_config(None, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_strings_coerced_by_field_type(tmp_path):
+    """PyYAML reads ``2e-4`` (no dot) as a string; every typed field converts losslessly."""
+    text = (
+        "train:\n  lr: 2e-4\n  max_steps: 1e3\n  min_lr_ratio: '0.5'\n  global_batch_size: null\n"
+        "data:\n  skip_bad_records: 'yes'\n  train_files: one.jsonl\n"
+        "adapter:\n  alpha: 16\n  capacity_factor: '1.25'\n  router: topk\n"
+        "  target_modules: q_proj\n  num_experts: [2, '4']\n"
+        "output:\n  dir: 2024\n"
+    )
+    raw = __import__("yaml").safe_load(text)
+    assert raw["train"]["lr"] == "2e-4"  # the PyYAML behaviour being fixed
+    run = load_run_config(_write(tmp_path, text))
+    assert run.train.lr == 2e-4 and type(run.train.lr) is float
+    assert run.train.max_steps == 1000 and type(run.train.max_steps) is int
+    assert run.train.min_lr_ratio == 0.5 and run.train.global_batch_size is None
+    assert run.data.skip_bad_records is True and run.data.train_files == ["one.jsonl"]
+    assert run.adapter.alpha == 16.0 and type(run.adapter.alpha) is float
+    assert run.adapter.capacity_factor == 1.25
+    assert run.adapter.target_modules == ("q_proj",)
+    assert run.adapter.num_experts == [2, 4]
+    assert run.output.dir == "2024"
+
+
+def test_coercion_is_generic_over_any_dataclass():
+    """A section class no test names (e.g. a replaced data section) is coerced the same way."""
+    from dataclasses import dataclass, field
+
+    from loramoe_ds.coerce import coerce_fields
+
+    @dataclass
+    class Other:
+        ratio: float = 0.1
+        names: dict[str, int] = field(default_factory=dict)
+        cap: int | None = None
+
+    got = coerce_fields(Other, {"ratio": "3e-1", "names": {"a": "1"}, "cap": "8"}, "other")
+    assert got == {"ratio": 0.3, "names": {"a": 1}, "cap": 8}
+    with pytest.raises(ValueError, match=r"^other.cap='x': expected an int or null$"):
+        coerce_fields(Other, {"cap": "x"}, "other")
+
+
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("train.min_lr_ratio=2", "train.min_lr_ratio=2.0: must be in"),
+        ("train.warmup_steps=-1", "train.warmup_steps=-1: must be >= 0"),
+        ("output.log_every=0", "output.log_every=0: must be >= 1"),
+        ("model.tiny_hidden=20", "model.tiny_hidden=20: must be a multiple of 8"),
+    ],
+)
+def test_range_errors_name_the_field(override, msg):
+    with pytest.raises(ValueError, match=msg):
+        load_run_config(None, [override])
