@@ -9,11 +9,18 @@ Typical use from a training loop::
     ckpt["data"] = loader.state_dict()   # resume: loader.load_state_dict(...)
 """
 
-from loramoe_ds.data.collate import IGNORE_INDEX, Collator, pad_id_for
+from loramoe_ds.data.collate import IGNORE_INDEX, Collator, PackedCollator, pad_id_for
 from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.loader import StatefulLoader, build_dataloader
+from loramoe_ds.data.packing import (
+    PackedRows,
+    PaddingStats,
+    pack_first_fit_decreasing,
+    padding_stats,
+    record_lengths,
+)
 from loramoe_ds.data.records import DataError, DataStats, iter_records, validate_record
-from loramoe_ds.data.sampler import ResumableDistributedSampler
+from loramoe_ds.data.sampler import PackedDistributedSampler, ResumableDistributedSampler
 from loramoe_ds.data.tokenize import PromptFormatter, dataset_fingerprint, load_tokenized
 
 __all__ = [
@@ -22,6 +29,10 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DataStats",
+    "PackedCollator",
+    "PackedDistributedSampler",
+    "PackedRows",
+    "PaddingStats",
     "PromptFormatter",
     "ResumableDistributedSampler",
     "StatefulLoader",
@@ -30,7 +41,10 @@ __all__ = [
     "demo_path",
     "iter_records",
     "load_tokenized",
+    "pack_first_fit_decreasing",
     "pad_id_for",
+    "padding_stats",
+    "record_lengths",
     "validate_record",
 ]
 

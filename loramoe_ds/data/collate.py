@@ -1,6 +1,11 @@
 """Batch collation: right padding, prompt/padding labels masked with -100.
 
-Shapes: B examples per batch, S padded sequence length.
+Shapes: B examples (or packed rows) per batch, S padded sequence length.
+
+:class:`Collator` puts one record per sequence; :class:`PackedCollator` puts
+several records per row (transformers' packed-batch convention: ``position_ids``
+restart at 0 for each record, so attention never crosses a record boundary when
+the model is given ``position_ids`` and no 2-D attention mask).
 """
 
 from __future__ import annotations
@@ -58,6 +63,75 @@ class Collator:
             "attention_mask": attention_mask_BS,
             "labels": labels_BS,
             "task_type": task_type_B,
+        }
+
+
+class PackedCollator:
+    """Collates packed rows (each a list of tokenised examples) into a batch.
+
+    Row ``b`` holds records ``j = 0, 1, ...`` back to back, then padding up to S
+    (the longest row, rounded up to ``pad_to_multiple_of``). Per position t:
+
+    - ``input_ids[b, t]``: the record's token; ``pad_token_id`` on padding.
+    - ``labels[b, t]``: the token on the record's response and EOS; -100 on its
+      prompt, on padding, and always on a record's first token (the loss at t
+      predicts ``labels[t]`` from tokens ``< t``: a record's first token is never
+      predicted from the previous record).
+    - ``position_ids[b, t]``: ``t - start_j`` (0 at each record's start); the
+      padding counts on from 0 as one more block, so it never continues a record.
+    - ``seq_ids[b, t]``: ``j``; -1 on padding.
+    - ``task_type[b, t]``: the record's task type (1 world knowledge, 0
+      downstream); 0 on padding (ignored there).
+    - ``attention_mask[b, t]``: 1 on record tokens, 0 on padding (token
+      counting only: in packed mode the model attends by ``position_ids``).
+
+    Args:
+        pad_token_id: Id written into padding positions of ``input_ids``.
+        pad_to_multiple_of: Round S up to a multiple of this (None: longest row).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        """Collates a list of rows.
+
+        Returns:
+            ``torch.long`` tensors ``input_ids``, ``attention_mask``, ``labels``,
+            ``position_ids``, ``seq_ids`` and ``task_type``, all ``(B, S)``.
+        """
+        B = len(rows)
+        S = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+        m = self.pad_to_multiple_of
+        if m:
+            S = (S + m - 1) // m * m
+        input_ids_BS = torch.full((B, S), self.pad_token_id, dtype=torch.long)
+        attention_mask_BS = torch.zeros((B, S), dtype=torch.long)
+        labels_BS = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
+        position_ids_BS = torch.empty((B, S), dtype=torch.long)
+        seq_ids_BS = torch.full((B, S), -1, dtype=torch.long)
+        task_type_BS = torch.zeros((B, S), dtype=torch.long)
+        for b, row in enumerate(rows):
+            t = 0
+            for j, e in enumerate(row):
+                ids_L = torch.as_tensor(e["input_ids"], dtype=torch.long)
+                L, P = ids_L.numel(), max(int(e["prompt_len"]), 1)
+                input_ids_BS[b, t : t + L] = ids_L
+                attention_mask_BS[b, t : t + L] = 1
+                labels_BS[b, t + P : t + L] = ids_L[P:]
+                position_ids_BS[b, t : t + L] = torch.arange(L)
+                seq_ids_BS[b, t : t + L] = j
+                task_type_BS[b, t : t + L] = int(e["task_type"])
+                t += L
+            position_ids_BS[b, t:] = torch.arange(S - t)
+        return {
+            "input_ids": input_ids_BS,
+            "attention_mask": attention_mask_BS,
+            "labels": labels_BS,
+            "position_ids": position_ids_BS,
+            "seq_ids": seq_ids_BS,
+            "task_type": task_type_BS,
         }
 
 

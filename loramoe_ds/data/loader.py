@@ -3,6 +3,11 @@
 Batch format (B per-rank micro-batch, S padded length), all ``torch.long``:
 ``input_ids`` (B, S), ``attention_mask`` (B, S), ``labels`` (B, S) with -100 on
 prompt and padding, ``task_type`` (B,) with 1 world knowledge / 0 downstream.
+
+With ``DataConfig.packing`` each of the B sequences is a packed row of several
+records (:class:`~loramoe_ds.data.collate.PackedCollator`): ``task_type`` is
+then per token (B, S) and the batch adds ``position_ids`` and ``seq_ids``
+(B, S); the loader's position counts rows.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from loramoe_ds.data.collate import Collator, pad_id_for
+from loramoe_ds.data.collate import Collator, PackedCollator, pad_id_for
 from loramoe_ds.data.config import DataConfig
+from loramoe_ds.data.packing import PackedRows, PaddingStats, padding_stats, record_lengths
 from loramoe_ds.data.records import DataStats
-from loramoe_ds.data.sampler import ResumableDistributedSampler
+from loramoe_ds.data.sampler import PackedDistributedSampler, ResumableDistributedSampler
 from loramoe_ds.data.tokenize import load_tokenized
 
 
@@ -59,10 +65,13 @@ class StatefulLoader:
         self.num_workers = num_workers
         self.stats: DataStats | None = None
         """Set by :func:`build_dataloader`: what the pipeline read/kept/skipped."""
+        self.padding: PaddingStats | None = None
+        """Set by :func:`build_dataloader`: epoch 0's padding fraction, packed vs padded."""
         self._position = 0
 
     def __len__(self) -> int:
-        """Batches per epoch (incomplete last batch dropped: equal steps per rank)."""
+        """Batches in the current epoch (incomplete last batch dropped: equal steps per
+        rank; with packing the number of rows, hence of batches, can vary by epoch)."""
         return self.sampler.per_rank // self.batch_size
 
     @property
@@ -123,21 +132,39 @@ def build_dataloader(
 
     Returns:
         A :class:`StatefulLoader` yielding dicts of LongTensors ``input_ids``
-        (B, S), ``attention_mask`` (B, S), ``labels`` (B, S), ``task_type`` (B,);
-        its ``stats`` attribute holds the :class:`DataStats`.
+        (B, S), ``attention_mask`` (B, S), ``labels`` (B, S), ``task_type`` (B,)
+        or, with ``cfg.packing``, packed rows: ``task_type``, ``position_ids``
+        and ``seq_ids`` (B, S) as well. Its ``stats`` attribute holds the
+        :class:`DataStats`, its ``padding`` the :class:`PaddingStats` of epoch 0
+        (padding fraction packed vs padded).
     """
     cfg = cfg or DataConfig()
     ds, stats = load_tokenized(paths, tokenizer, cfg, is_main=is_main, barrier=barrier)
     ds = ds.select_columns(["input_ids", "prompt_len", "task_type"])
-    sampler = ResumableDistributedSampler(
-        len(ds), num_replicas=world_size, rank=rank, seed=cfg.seed, shuffle=cfg.shuffle
+    lengths = record_lengths(ds)
+    packed = PackedDistributedSampler(
+        lengths, cfg.max_length, world_size, rank, seed=cfg.seed, shuffle=cfg.shuffle
     )
-    loader = StatefulLoader(
-        ds,
-        sampler,
-        batch_size,
-        Collator(pad_id_for(tokenizer), cfg.pad_to_multiple_of),
-        num_workers=cfg.num_workers,
-    )
+    pad_id = pad_id_for(tokenizer)
+    if cfg.packing:
+        sampler: ResumableDistributedSampler = packed
+        dataset: Any = PackedRows(ds)
+        collate: Callable[..., dict[str, torch.Tensor]] = PackedCollator(
+            pad_id, cfg.pad_to_multiple_of
+        )
+    else:
+        sampler = ResumableDistributedSampler(
+            len(ds), num_replicas=world_size, rank=rank, seed=cfg.seed, shuffle=cfg.shuffle
+        )
+        dataset, collate = ds, Collator(pad_id, cfg.pad_to_multiple_of)
+    loader = StatefulLoader(dataset, sampler, batch_size, collate, num_workers=cfg.num_workers)
     loader.stats = stats
+    loader.padding = padding_stats(
+        lengths,
+        packed.record_order(0),
+        packed.rows(0),
+        world_size=world_size,
+        batch_size=batch_size,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+    )
     return loader

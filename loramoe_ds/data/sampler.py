@@ -5,18 +5,28 @@ Epoch ``e`` permutes ``range(N)`` with a generator seeded ``seed + e``; rank
 rank gets exactly M indices, so all ranks run the same number of steps). The
 state is ``(epoch, position)``: resuming from it replays exactly the remaining
 indices an uninterrupted run would have produced on that rank.
+
+:class:`PackedDistributedSampler` does the same over *rows* of packed records:
+the epoch's permutation of records is packed first-fit-decreasing into
+``max_length`` rows (:mod:`loramoe_ds.data.packing`), the rows are shuffled with
+the same generator, and rank ``r`` takes rows ``r::W`` (``len(rows) // W``
+each). Its position counts rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from loramoe_ds.data.packing import PACK_WINDOW, pack_first_fit_decreasing
 
-class ResumableDistributedSampler(Sampler[int]):
+
+class ResumableDistributedSampler(Sampler):
     """Seeded per-epoch shuffle, strided across ranks, resumable mid-epoch.
 
     Args:
@@ -58,19 +68,26 @@ class ResumableDistributedSampler(Sampler[int]):
 
     @property
     def per_rank(self) -> int:
-        """Indices each rank gets per epoch."""
+        """Indices each rank gets in the current epoch."""
+        return self.per_rank_in(self.epoch)
+
+    def per_rank_in(self, epoch: int) -> int:
+        """Indices each rank gets in ``epoch`` (the same for every epoch here)."""
         return self.n // self.world if self.drop_last else -(-self.n // self.world)
+
+    def _permutation(self, epoch: int, g: torch.Generator | None = None) -> list[int]:
+        """The epoch's global order of ``range(N)``."""
+        if not self.shuffle:
+            return list(range(self.n))
+        g = g or torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
 
     def __len__(self) -> int:
         return self.per_rank
 
     def indices(self, epoch: int) -> list[int]:
         """All of this rank's indices for ``epoch``, in order."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
+        perm = self._permutation(epoch)
         total = self.per_rank * self.world
         if total > self.n:  # not drop_last: wrap around
             perm = (perm * (-(-total // self.n)))[:total]
@@ -98,6 +115,15 @@ class ResumableDistributedSampler(Sampler[int]):
             "num_replicas": self.world,
         }
 
+    def _identity(self) -> dict[str, Any]:
+        """State entries that must match for a resume to reproduce the order."""
+        return {
+            "num_samples_total": self.n,
+            "num_replicas": self.world,
+            "seed": self.seed,
+            "packed": False,
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores epoch and position; the next iteration continues from there.
 
@@ -105,18 +131,100 @@ class ResumableDistributedSampler(Sampler[int]):
             ValueError: If the dataset length, world size or seed differ from
                 the checkpoint (the order would not be reproduced).
         """
-        for key, mine in (
-            ("num_samples_total", self.n),
-            ("num_replicas", self.world),
-            ("seed", self.seed),
-        ):
-            if key in state and state[key] != mine:
+        for key, mine in self._identity().items():
+            theirs = state.get(key, False if key == "packed" else mine)
+            if theirs != mine:
                 raise ValueError(
-                    f"sampler state has {key}={state[key]} but this run has {mine}; "
+                    f"sampler state has {key}={theirs} but this run has {mine}; "
                     "resuming would not reproduce the data order"
                 )
-        position = int(state["position"])
-        if not 0 <= position <= self.per_rank:
-            raise ValueError(f"sampler state position {position} not in [0, {self.per_rank}]")
-        self.epoch = int(state["epoch"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        per_rank = self.per_rank_in(epoch)
+        if not 0 <= position <= per_rank:
+            raise ValueError(f"sampler state position {position} not in [0, {per_rank}]")
+        self.epoch = epoch
         self.position = position
+
+
+class PackedDistributedSampler(ResumableDistributedSampler):
+    """Yields rows (lists of record indices) of a packed, seeded, rank-strided epoch.
+
+    Epoch ``e``: a generator seeded ``seed + e`` permutes the N records (the
+    same permutation :class:`ResumableDistributedSampler` uses), the order is
+    packed by :func:`~loramoe_ds.data.packing.pack_first_fit_decreasing` into
+    rows of at most ``max_length`` tokens, and the same generator then shuffles
+    the rows. Rank ``r`` of ``W`` takes ``rows[r : W*M : W]`` with
+    ``M = len(rows) // W``: every rank the same number of rows; the records of
+    the ``len(rows) % W`` tail rows are not seen that epoch. ``position`` counts
+    this rank's rows already handed out. ``M`` can differ between epochs.
+
+    Args:
+        lengths: ``(N,)`` tokens of every record (``<= max_length``).
+        max_length: Row capacity in tokens.
+        num_replicas: World size W.
+        rank: This rank.
+        seed: Base seed.
+        shuffle: If False, records are packed in index order and rows not shuffled.
+        window: Records per first-fit-decreasing window.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        max_length: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        window: int = PACK_WINDOW,
+    ) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        super().__init__(len(self.lengths), num_replicas, rank, seed, shuffle, drop_last=True)
+        self.max_length = int(max_length)
+        self.window = int(window)
+        self._cache: tuple[int, list[list[int]]] | None = None
+        self.lengths_digest = hashlib.blake2b(self.lengths.tobytes(), digest_size=8).hexdigest()
+        n_rows = len(self.rows(0))
+        if n_rows < num_replicas:
+            raise ValueError(
+                f"{self.n} records pack into {n_rows} rows of max_length={max_length}, fewer than "
+                f"{num_replicas} ranks"
+            )
+
+    def rows(self, epoch: int) -> list[list[int]]:
+        """Every row of ``epoch`` (all ranks), in order; cached for the last epoch asked."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = self._permutation(epoch, g)
+        rows = pack_first_fit_decreasing(order, self.lengths, self.max_length, self.window)
+        if self.shuffle:
+            rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+        self._cache = (epoch, rows)
+        return rows
+
+    def record_order(self, epoch: int) -> list[int]:
+        """The epoch's record permutation (what the unpacked sampler would use)."""
+        return self._permutation(epoch)
+
+    def per_rank_in(self, epoch: int) -> int:
+        """Rows each rank gets in ``epoch``."""
+        return len(self.rows(epoch)) // self.world
+
+    def indices(self, epoch: int) -> list[list[int]]:
+        """This rank's rows for ``epoch``, in order."""
+        rows = self.rows(epoch)
+        return rows[self.rank : self.per_rank_in(epoch) * self.world : self.world]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unpacked sampler's state plus the packing's identity (position counts rows)."""
+        return {**super().state_dict(), **self._identity()}
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            **super()._identity(),
+            "packed": True,
+            "max_length": self.max_length,
+            "window": self.window,
+            "lengths_digest": self.lengths_digest,
+        }
