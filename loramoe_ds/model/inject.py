@@ -328,6 +328,10 @@ class LoRAMoEModel(nn.Module):
             )
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if labels is not None or packed:
+            # No KV cache when training: it costs memory, and transformers only
+            # derives the packed block-diagonal mask when there is none.
+            kwargs.setdefault("use_cache", False)
         recorder = _Recorder()
         layers = self.moe_layers()
         for layer in layers:
