@@ -9,6 +9,17 @@ Split rule (documented and tested): the groups differ in size by at most one
 layer and the *lower* groups take the extra layers, exactly like
 ``numpy.array_split``. On 32 layers ``"2468"`` gives 8 layers each of 2, 4, 6, 8
 experts; on 30 layers it gives 8, 8, 7, 7 layers.
+
+Ints versus patterns (documented and tested): an int is always the number of
+experts of *every* layer, and a pattern is always a string. YAML reads an
+unquoted ``num_experts: 2468`` and the command line reads
+``adapter.num_experts=2468`` as the int 2468, which was almost certainly meant
+as the pattern. So an int of :data:`AMBIGUOUS_MIN_DIGITS` or more digits, all of
+them 1-9, is rejected with a message showing both spellings: the pattern
+``num_experts: "2468"`` (quoted in YAML; ``adapter.num_experts=2,4,6,8`` or a
+name on the command line) or, for that many experts on every layer, a list with
+one count per layer. Realistic uniform counts (6, 16, 64, 256, 1024) are
+unaffected.
 """
 
 from __future__ import annotations
@@ -22,6 +33,38 @@ NAMED_PATTERNS: dict[str, str] = {
     "inverted_triangle": "2468",
     "hourglass": "8228",
 }
+
+
+AMBIGUOUS_MIN_DIGITS = 4
+"""An int ``num_experts`` with at least this many digits, none of them 0, could be
+a pattern (``2468``) and is rejected as ambiguous."""
+
+
+def check_uniform_count(n: int) -> int:
+    """Validate an int ``num_experts`` (experts on every layer).
+
+    Args:
+        n: The count.
+
+    Returns:
+        ``n``.
+
+    Raises:
+        ValueError: If ``n < 1``, or if ``n`` reads as a MoLA pattern (at least
+            :data:`AMBIGUOUS_MIN_DIGITS` digits, all 1-9); the message shows the
+            pattern spelling and the per-layer-list spelling.
+    """
+    if n < 1:
+        raise ValueError(f"num_experts={n}: must be >= 1")
+    text = str(n)
+    if len(text) >= AMBIGUOUS_MIN_DIGITS and all(c in "123456789" for c in text):
+        raise ValueError(
+            f"num_experts={n} is ambiguous: an int means {n} experts on every layer. For the "
+            f'MoLA pattern write a string: num_experts: "{text}" in YAML (quoted), '
+            f"adapter.num_experts={','.join(text)} on the command line. For {n} experts on "
+            f"every layer give a list with one count per layer: [{n}, {n}, ...]"
+        )
+    return n
 
 
 def group_sizes(num_layers: int, num_groups: int) -> list[int]:
@@ -96,9 +139,7 @@ def experts_per_layer(spec: int | Sequence[int] | str, num_layers: int) -> list[
     if isinstance(spec, bool):
         raise ValueError(f"num_experts must be an int, list or pattern, got {spec!r}")
     if isinstance(spec, int):
-        if spec < 1:
-            raise ValueError(f"num_experts must be >= 1, got {spec}")
-        return [spec] * num_layers
+        return [check_uniform_count(spec)] * num_layers
     if isinstance(spec, str):
         counts = parse_pattern(spec)
         sizes = group_sizes(num_layers, len(counts))

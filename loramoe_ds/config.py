@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from loramoe_ds.allocation import experts_per_layer, parse_pattern
+from loramoe_ds.allocation import check_uniform_count, experts_per_layer, parse_pattern
+from loramoe_ds.coerce import coerce_fields
 
 ROUTERS = ("soft", "topk")
 LBC_VARIANTS = ("published", "intended")
@@ -48,7 +49,9 @@ class AdapterConfig:
     num_experts: int | list[int] | str = 6
     """Experts per decoder layer: an int, a list with one int per layer, a MoLA
     digit pattern (``"2468"``: four equal layer groups, bottom to top), or a name
-    (``rectangle, triangle, inverted_triangle, hourglass``)."""
+    (``rectangle, triangle, inverted_triangle, hourglass``). A pattern is a
+    string: an int such as ``2468`` is rejected as ambiguous (see
+    :func:`~loramoe_ds.allocation.check_uniform_count`)."""
 
     lbc_delta: float = 0.1
     """LoRAMoE localized balancing constraint: importance ``1 +/- delta``."""
@@ -111,8 +114,7 @@ class AdapterConfig:
         if isinstance(self.num_experts, str):
             parse_pattern(self.num_experts)  # raises a clear ValueError
         elif isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool):
-            if self.num_experts < 1:
-                raise ValueError(f"num_experts={self.num_experts}: must be >= 1")
+            check_uniform_count(self.num_experts)  # >= 1, and not a pattern such as 2468
         elif isinstance(self.num_experts, (list, tuple)):
             self.num_experts = list(self.num_experts)
             experts_per_layer(self.num_experts, len(self.num_experts))
@@ -174,4 +176,4 @@ class AdapterConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown adapter field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
+        return cls(**coerce_fields(cls, d, "adapter"))

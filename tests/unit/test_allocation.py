@@ -85,3 +85,47 @@ def test_from_dict_rejects_unknown_field():
         AdapterConfig.from_dict({"ranks": 4})
     cfg = AdapterConfig(num_experts=[2, 4])
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------- ints versus patterns
+@pytest.mark.parametrize("n", [2468, 8642, 5555, 8228, 24682468])
+def test_int_that_reads_as_pattern_is_rejected_with_both_spellings(n):
+    with pytest.raises(ValueError) as e:
+        AdapterConfig(num_experts=n)
+    msg = str(e.value)
+    assert f"num_experts={n} is ambiguous" in msg and "\n" not in msg
+    assert f'num_experts: "{n}"' in msg  # the YAML pattern spelling
+    assert f"adapter.num_experts={','.join(str(n))}" in msg  # the command-line spelling
+    assert f"[{n}, {n}, ...]" in msg  # the per-layer spelling
+    with pytest.raises(ValueError, match="ambiguous"):
+        experts_per_layer(n, 4)
+
+
+@pytest.mark.parametrize("n", [1, 6, 16, 64, 128, 256, 999, 1024, 2048, 4096])
+def test_realistic_int_counts_are_counts(n):
+    assert AdapterConfig(num_experts=n).layer_experts(3) == [n, n, n]
+
+
+def test_suggested_spellings_give_the_pattern():
+    """Both spellings the message suggests resolve to the MoLA pattern, from YAML and CLI."""
+    from loramoe_ds.run_config import load_run_config
+
+    want = experts_per_layer("2468", 8)
+    assert want == [2, 2, 4, 4, 6, 6, 8, 8]
+    cli = load_run_config(None, ["adapter.num_experts=2,4,6,8"]).adapter
+    assert experts_per_layer(cli.num_experts, 8) == want
+    quoted = load_run_config(None, ['adapter.num_experts="2468"']).adapter
+    assert experts_per_layer(quoted.num_experts, 8) == want
+    with pytest.raises(ValueError, match="overrides: adapter: num_experts=2468 is ambiguous"):
+        load_run_config(None, ["adapter.num_experts=2468"])
+
+
+def test_unquoted_yaml_pattern_is_rejected_quoted_is_read(tmp_path):
+    from loramoe_ds.run_config import load_run_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text("adapter:\n  num_experts: 8642\n")
+    with pytest.raises(ValueError, match=r"run.yaml: adapter: num_experts=8642 is ambiguous"):
+        load_run_config(p)
+    p.write_text("adapter:\n  num_experts: '8642'\n")
+    assert load_run_config(p).adapter.layer_experts(4) == [8, 6, 4, 2]
