@@ -33,6 +33,7 @@ from loramoe_ds.config import AdapterConfig
 from loramoe_ds.data.config import DataConfig
 
 PRECISIONS = ("fp32", "bf16")
+LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
 
 
 def _check_fields(cls, d: dict, where: str) -> None:
@@ -108,9 +109,29 @@ class TrainSection:
     """``fp32`` (CPU, tests) or ``bf16`` (GPU)."""
 
     seed: int = 0
-    """Seed for weights, routing dropout and data order."""
+    """Seed for weights and routing dropout (the data order is ``data.seed``)."""
+
+    loss_reduction: str = "token_mean"
+    """``token_mean``: the LM loss of a step is the summed token cross-entropy over
+    every labelled token of all ranks and accumulation micro-batches divided by
+    their count; ``micro_batch_mean``: the mean over micro-batches of each
+    micro-batch's own token mean (short samples weigh more)."""
+
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (non-reentrant
+    checkpoint per layer): less activation memory, about one more forward."""
 
     def __post_init__(self) -> None:
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"train.loss_reduction={self.loss_reduction!r}: valid values "
+                f"{list(LOSS_REDUCTIONS)}"
+            )
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(
+                f"train.activation_checkpointing={self.activation_checkpointing!r}: must be "
+                "true or false"
+            )
         for name in ("micro_batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
