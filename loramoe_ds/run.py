@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from loramoe_ds.lr_schedule import lr_ratio, scheduler_config
 from loramoe_ds.run_config import RunConfig, resolve_ds_config
 
 TINY_VOCAB = 512
@@ -34,21 +35,37 @@ class Plan:
     experts_per_layer: list[int]
     model_dir: str | None
     hf_config: Any
+    gpus_per_node: int | None = None
+    """Ranks per node of the planned topology (``--gpus-per-node``), when known."""
+    param_counts: tuple[int, int, int, int] | None = None
+    """:func:`count_parameters` of this plan (filled by :func:`make_plan`)."""
 
     def describe(self) -> str:
         """The human-readable plan printed by ``--dry-run``."""
         run, W, ep = self.run, self.world_size, self.run.parallel.ep_size
         ep_groups = [list(range(i * ep, (i + 1) * ep)) for i in range(W // ep)]
         edp_groups = [list(range(j, W, ep)) for j in range(ep)]
-        n_base, n_router, n_expert, per_linear = count_parameters(self)
+        n_base, n_router, n_expert, per_linear = self.param_counts or count_parameters(self)
         bytes_pp = 2 if run.train.precision == "bf16" else 4
         stage = run.parallel.zero_stage
         base_rank = n_base * bytes_pp / (W if stage == 3 else 1)
         # expert params: local shard; fp32 master + 2 Adam moments + grad = 16 B/param
         expert_rank = n_expert / ep * 16
         router_rank = n_router * 16 / (W if stage >= 1 else 1)
-        lines = [
-            f"world size {W}: {W // ep} expert-parallel group(s) of {ep}",
+        t = run.train
+        lines = [f"world size {W}: {W // ep} expert-parallel group(s) of {ep}"]
+        if self.gpus_per_node:
+            G = self.gpus_per_node
+            lines.append(
+                f"  {W // G} node(s) x {G} GPUs; "
+                + (
+                    "every EP group within one node"
+                    if G % ep == 0
+                    else "EP groups span nodes (expert all-to-all crosses the network; "
+                    "an ep_size dividing the GPUs per node keeps it inside a node)"
+                )
+            )
+        lines += [
             f"  EP groups  {ep_groups}",
             f"  EDP groups {edp_groups}",
             f"model {run.model.name}: {self.num_layers} layers; adapter router={run.adapter.router}"
@@ -65,7 +82,15 @@ class Plan:
             f"estimated memory per rank: base {base_rank / 2**20:.1f} MiB (ZeRO-{stage}), "
             f"experts+optimizer {expert_rank / 2**20:.1f} MiB, routers+optimizer "
             f"{router_rank / 2**20:.2f} MiB (activations extra)",
-            f"steps {run.train.max_steps}, lr {run.train.lr}, output {run.output.dir}",
+            f"steps {t.max_steps}, lr {t.lr}: "
+            + (
+                f"linear warm-up from {t.lr * lr_ratio(1, t.warmup_steps, t.max_steps, 0):.3g} "
+                f"(step 1) to {t.lr:.3g} (step {t.warmup_steps}), "
+                if t.warmup_steps
+                else ""
+            )
+            + f"cosine to {t.lr * t.min_lr_ratio:.3g} (step {t.max_steps}); "
+            f"output {run.output.dir}",
         ]
         return "\n".join(lines)
 
@@ -132,13 +157,32 @@ def _hf_config(run: RunConfig) -> tuple[Any, str | None]:
     return AutoConfig.from_pretrained(model_dir), model_dir
 
 
-def make_plan(run: RunConfig, ds_user: dict[str, Any], world_size: int, rank: int) -> Plan:
+def make_plan(
+    run: RunConfig,
+    ds_user: dict[str, Any],
+    world_size: int,
+    rank: int,
+    gpus_per_node: int | None = None,
+) -> Plan:
     """Validate everything that needs no process group.
+
+    Also counts the parameters (on the ``meta`` device) and, on rank 0, prints
+    one warning line when the adapter has more parameters than the base model
+    (usually a ``num_experts`` or ``rank`` typo).
+
+    Args:
+        run: The validated run config.
+        ds_user: The user's DeepSpeed JSON (``{}`` when none).
+        world_size: Ranks of the job (or of the planned job, for a dry run).
+        rank: This process's rank.
+        gpus_per_node: Ranks per node of a planned topology (dry run), if known.
 
     Raises:
         ValueError: Config / DeepSpeed JSON disagreement, or an ``ep_size`` that
             does not divide the world size or some layer's expert count.
     """
+    import sys
+
     from loramoe_ds.parallel.groups import validate_ep
 
     ds = resolve_ds_config(run, ds_user, world_size)
@@ -147,15 +191,8 @@ def make_plan(run: RunConfig, ds_user: dict[str, Any], world_size: int, rank: in
         "type": "AdamW",
         "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay},
     }
-    ds["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": t.max_steps,
-            "warmup_num_steps": max(t.warmup_steps, 1),
-            "warmup_min_ratio": 0.0,
-            "cos_min_ratio": t.min_lr_ratio,
-        },
-    }
+    # Linear warm-up from lr/W at step 1, cosine decay (lr_schedule.py): every step moves.
+    ds["scheduler"] = scheduler_config(t.max_steps, t.warmup_steps, t.min_lr_ratio)
     ds["gradient_clipping"] = t.grad_clip
     if run.train.precision == "bf16":
         ds.setdefault("bf16", {})["enabled"] = True
@@ -163,7 +200,20 @@ def make_plan(run: RunConfig, ds_user: dict[str, Any], world_size: int, rank: in
     n_layers = hf_config.num_hidden_layers
     counts = run.adapter.layer_experts(n_layers)
     validate_ep(run.parallel.ep_size, world_size, counts)
-    return Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_config)
+    plan = Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_config, gpus_per_node)
+    plan.param_counts = count_parameters(plan)
+    n_base, n_router, n_expert, _ = plan.param_counts
+    if rank == 0 and n_router + n_expert > n_base:
+        print(
+            f"warning: the adapter has {n_router + n_expert:,} trainable parameters, "
+            f"{(n_router + n_expert) / max(n_base, 1):.1f}x the base model's {n_base:,} "
+            f"(experts per layer {sorted(set(counts))}, rank {run.adapter.rank}, "
+            f"{len(run.adapter.target_modules)} target modules); check adapter.num_experts "
+            "and adapter.rank",
+            file=sys.stderr,
+            flush=True,
+        )
+    return plan
 
 
 def model_factory(plan: Plan):

@@ -300,3 +300,80 @@ def test_padding_stats_formula() -> None:
     # packed rows 6,6 -> 12; 3,5 -> 10: 20 tokens in 22 positions
     assert (st.packed_tokens, st.packed_positions, st.packed_records) == (20, 22, 6)
     assert st.packed_fraction == pytest.approx(2 / 22)
+
+
+# ----------------------------------------------------------------------------- model equality
+def _equality_records(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = int(torch.randint(3, 23, (1,), generator=g))
+        P = int(torch.randint(1, L, (1,), generator=g))
+        ids = torch.randint(1, 128, (L,), generator=g).tolist()
+        out.append({"input_ids": ids, "prompt_len": P, "task_type": (i * 7 // 3) % 2})
+    return out
+
+
+def _loss_and_grads(model, batch: dict) -> tuple[dict, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    losses = {
+        k: getattr(out, k).detach().clone()
+        for k in ("loss", "lm_loss", "lbc_loss", "load_balance_loss", "z_loss")
+    }
+    losses["num_label_tokens"] = torch.tensor(float(out.num_label_tokens))
+    grads = {n: p.grad.detach().clone() for n, p in model.adapter_named_parameters()}
+    return losses, grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("router", ["soft", "topk"])
+def test_packed_batch_equals_padded_batch(arch: str, router: str) -> None:
+    """Loss, every aux loss and every adapter gradient: packed rows == one record per row.
+
+    fp32, dropout 0, LBC on with both task types, load-balance and z losses on. The
+    reference is the ordinary right-padded batch of the same 10 records.
+    """
+    from loramoe_ds.config import AdapterConfig
+    from loramoe_ds.data import Collator
+    from loramoe_ds.model.inject import inject
+    from loramoe_ds.tiny import tiny_model
+
+    cfg = AdapterConfig(
+        router=router,
+        num_experts=4,
+        top_k=2,
+        rank=4,
+        alpha=8.0,
+        dropout=0.0,
+        lbc_beta=0.5,
+        lbc_delta=0.2,
+        load_balance_coef=0.3,
+        z_loss_coef=0.01,
+        target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
+    )
+    model = inject(tiny_model(arch, seed=3), cfg)
+    model.train()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # non-zero LoRA B so that every adapter weight gets a gradient
+        for _, p in model.adapter_named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    records = _equality_records(10, seed=5)
+    assert {r["task_type"] for r in records} == {0, 1}
+    rows = pack_first_fit_decreasing(range(10), [len(r["input_ids"]) for r in records], 40)
+    assert len(rows) < 10 and max(len(r) for r in rows) >= 3  # really packed, padding left
+    packed = PackedCollator(0)([[records[i] for i in row] for row in rows])
+    assert (packed["seq_ids"] < 0).any()
+    padded = Collator(0)(records)
+
+    ref_l, ref_g = _loss_and_grads(model, padded)
+    got_l, got_g = _loss_and_grads(model, packed)
+    assert ref_l["num_label_tokens"] == got_l["num_label_tokens"]
+    for k in ref_l:
+        assert ref_l[k] > 0, k  # every term is really on
+        torch.testing.assert_close(got_l[k], ref_l[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert ref_g.keys() == got_g.keys() and len(ref_g) > 0
+    for n in ref_g:
+        assert ref_g[n].abs().max() > 0, n
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
