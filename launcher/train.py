@@ -62,8 +62,17 @@ def main(argv=None) -> int:
         return 0
     import torch.distributed as dist
 
+    from loramoe_ds.run import prepare_data
+
     try:
-        summary = train(plan, resume=args.resume, stop_after=args.stop_after, handler=handler)
+        try:  # the data is validated and tokenised before any model load or DeepSpeed engine
+            data = prepare_data(plan)
+        except ValueError as e:  # a bad record: file:line: field ..., one line, exit 2
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        summary = train(
+            plan, resume=args.resume, stop_after=args.stop_after, handler=handler, data=data
+        )
         if dist.get_rank() == 0:
             print("[done] " + json.dumps(summary), flush=True)
         return REQUEUE_EXIT_CODE if summary["preempted"] else 0

@@ -3,44 +3,45 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 
 class MetricsLogger:
     """Append-only CSV + TensorBoard writer; a no-op on ranks other than 0.
 
-    The CSV is opened in append mode so a resumed run continues the same file;
-    each row carries the optimizer step, so repeated or lost steps are visible.
+    The CSV is opened in append mode so a resumed run continues the same file
+    (with the header it was started with); each row carries the optimizer step,
+    so repeated or lost steps are visible.
 
     Args:
         out_dir: Run output directory (``metrics.csv`` and ``tb/`` go there).
         enabled: False on non-zero ranks.
+        fields: CSV columns, ``step`` first (the loop passes
+            :func:`loramoe_ds.train_loop.metrics.csv_fields`).
     """
 
-    FIELDS = (
-        "step",
-        "loss",
-        "lm_loss",
-        "lbc",
-        "lb",
-        "z",
-        "lr",
-        "grad_norm",
-        "tokens_per_s",
-        "elapsed_s",
-    )
+    def __init__(
+        self, out_dir: str | Path, enabled: bool = True, fields: Sequence[str] | None = None
+    ):
+        from loramoe_ds.train_loop.metrics import csv_fields
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
+        self.fields = tuple(fields) if fields is not None else csv_fields()
         self._csv = self._writer = self._tb = None
         if not enabled:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.csv"
-        new = not path.exists()
+        new = not path.exists() or path.stat().st_size == 0
+        if not new:  # a resumed run keeps the columns the file started with
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header:
+                self.fields = tuple(header)
         self._csv = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self._writer = csv.DictWriter(self._csv, fieldnames=self.FIELDS, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._csv, fieldnames=self.fields, extrasaction="ignore")
         if new:
             self._writer.writeheader()
         try:

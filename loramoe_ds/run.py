@@ -9,8 +9,6 @@ process group starts.
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,7 +237,11 @@ def model_factory(plan: Plan):
 
 
 def load_tokenizer(plan: Plan, is_main: bool, barrier):
-    """The tokenizer of the base model, or a BPE trained on the demo data for tiny models."""
+    """The tokenizer of the base model, or a BPE trained on the demo data for tiny models.
+
+    For tiny models the main process trains and caches the BPE, then everyone
+    passes ``barrier`` and loads it.
+    """
     run = plan.run
     if plan.model_dir is not None:
         from transformers import AutoTokenizer
@@ -262,10 +264,93 @@ def _train_files(run: RunConfig) -> list[str]:
     return [demo_path("train.jsonl") if f == "demo" else f for f in run.data.train_files]
 
 
+def _noop() -> None:
+    return None
+
+
+@dataclass
+class PreparedData:
+    """The training data, validated and tokenised into the cache (see :func:`prepare_data`).
+
+    Attributes:
+        tokenizer: The base model's tokenizer.
+        config: The ``data:`` section with the cache directory resolved.
+        files: The training files (``demo`` resolved).
+        stats: What rank 0's validation read, kept and skipped (``None`` elsewhere).
+    """
+
+    tokenizer: Any
+    config: Any
+    files: list[str]
+    stats: Any = None
+
+
+def prepare_data(plan: Plan) -> PreparedData:
+    """Validate and tokenise the training data before any model is loaded or engine built.
+
+    Rank 0 loads the tokenizer (cheap), validates every record and writes the
+    tokenised cache; with several ranks the others wait on a plain process group
+    (no DeepSpeed engine, no model) and receive rank 0's verdict, so a bad record
+    costs seconds on every rank instead of surfacing after the model loads. With
+    one process no process group is created at all.
+
+    Raises:
+        DataError: A bad record (``file:line: field ...``) or no usable record; a
+            ``ValueError``, so the launcher reports it in one line with exit code 2.
+    """
+    from loramoe_ds.data import DataError, load_tokenized
+
+    run = plan.run
+    cfg = dataclasses.replace(
+        run.data, cache_dir=run.data.cache_dir or str(Path(run.output.dir) / "cache" / "data")
+    )
+    files = _train_files(run)
+    world, is_main = plan.world_size, plan.rank == 0
+    if world > 1:
+        import deepspeed
+
+        deepspeed.init_distributed()  # the process group only; MoETrainer.build reuses it
+    tok, stats, err, exc = None, None, None, None
+    if is_main:
+        try:
+            tok = load_tokenizer(plan, True, _noop)
+            _, stats = load_tokenized(files, tok, cfg, is_main=True, barrier=_noop)
+        except BaseException as e:  # the other ranks must hear of it, not hang
+            exc = e
+            err = (isinstance(e, ValueError), str(e) or type(e).__name__)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if exc is not None:
+        raise exc
+    if err is not None:
+        is_value_error, msg = err
+        if is_value_error:
+            raise DataError(msg)
+        raise RuntimeError(f"rank 0 failed while preparing the training data: {msg}")
+    if not is_main:
+        tok = load_tokenizer(plan, False, _noop)
+    return PreparedData(tok, cfg, files, stats)
+
+
 def train(
-    plan: Plan, resume: str = "auto", stop_after: int | None = None, handler=None
+    plan: Plan,
+    resume: str = "auto",
+    stop_after: int | None = None,
+    handler=None,
+    data: PreparedData | None = None,
 ) -> dict[str, Any]:
     """Run the training loop (collective: every rank calls it).
+
+    The loop is small on purpose: :class:`~loramoe_ds.parallel.engine.MoETrainer`
+    trains one optimizer step from the step's GAS micro-batches
+    (:func:`~loramoe_ds.train_loop.steps.optimizer_steps`),
+    :class:`~loramoe_ds.train_loop.metrics.MetricsAccumulator` turns it into one
+    row, :class:`~loramoe_ds.train_loop.policy.CheckpointPolicy` decides to save,
+    prune and stop.
 
     Args:
         plan: From :func:`make_plan`.
@@ -276,6 +361,7 @@ def train(
         handler: An installed ``PreemptionHandler`` (the launcher installs one
             before the heavy imports so an early signal is not lost); one is
             installed here otherwise.
+        data: From :func:`prepare_data` (called here when ``None``).
 
     Returns:
         Summary (final step, last losses, preempted flag, paths).
@@ -288,6 +374,9 @@ def train(
     from loramoe_ds.metrics import MetricsLogger
     from loramoe_ds.parallel.checkpoint import latest_tag
     from loramoe_ds.parallel.engine import MoETrainer
+    from loramoe_ds.train_loop.metrics import MetricsAccumulator, csv_fields
+    from loramoe_ds.train_loop.policy import CheckpointPolicy
+    from loramoe_ds.train_loop.steps import optimizer_steps
 
     run = plan.run
     out = Path(run.output.dir)
@@ -295,6 +384,7 @@ def train(
     own_handler = handler is None
     if own_handler:
         handler = PreemptionHandler().install()
+    data = data or prepare_data(plan)
     trainer = MoETrainer.build(
         model_factory(plan),
         run.adapter,
@@ -302,20 +392,20 @@ def train(
         ep_size=run.parallel.ep_size,
         seed=run.train.seed,
         num_layers=plan.num_layers,
+        loss_reduction=run.train.loss_reduction,
+        activation_checkpointing=run.train.activation_checkpointing,
     )
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
-    tok = load_tokenizer(plan, is_main, dist.barrier)
-    data_cfg = dataclasses.replace(
-        run.data, cache_dir=run.data.cache_dir or str(out / "cache" / "data")
-    )
     loader = build_dataloader(
-        _train_files(run),
-        tok,
-        data_cfg,
+        data.files,
+        data.tokenizer,
+        data.config,
         batch_size=run.train.micro_batch_size,
         rank=rank,
         world_size=world,
+        is_main=is_main,
+        barrier=dist.barrier,
     )
     if is_main:
         print(f"[data] {loader.stats}", flush=True)
@@ -327,69 +417,41 @@ def train(
             if client is not None:
                 loader.load_state_dict(client["data"])
                 resumed_from = trainer.global_step
-    metrics = MetricsLogger(out, enabled=is_main)
-    start_step = trainer.global_step
-    steps_total = run.train.max_steps
-    bar = tqdm(
-        total=steps_total, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True
+    policy = CheckpointPolicy(
+        max_steps=run.train.max_steps,
+        save_every=run.output.save_every,
+        keep=run.output.keep_checkpoints,
+        stop_after=stop_after,
     )
+    acc = MetricsAccumulator(device=trainer.device)
+    metrics = MetricsLogger(out, enabled=is_main, fields=csv_fields(acc.metrics))
+    bar = tqdm(total=policy.max_steps, initial=trainer.global_step, disable=not is_main,
+               desc="train", dynamic_ncols=True)  # fmt: skip
     if is_main and resumed_from is not None:
         print(f"[resume] from step {resumed_from}", flush=True)
-    t0 = time.time()
-    tokens = 0
     last: dict[str, float] = {}
-    acc: dict[str, float] = {}
-    n_micro = 0
     preempted = False
-    done_this_run = 0
     try:
-        while trainer.global_step < steps_total and not preempted:
-            for batch in loader:
-                step_before = trainer.global_step
-                stats = trainer.train_micro_batch(batch)
-                tokens += int(batch["attention_mask"].sum()) * world
-                for k in ("loss", "lm_loss", "lbc", "lb", "z"):
-                    acc[k] = acc.get(k, 0.0) + float(stats[k])
-                n_micro += 1
-                if trainer.global_step == step_before:
-                    continue
-                done_this_run += 1
-                last = {k: v / n_micro for k, v in acc.items()}
-                acc, n_micro = {}, 0
-                elapsed = time.time() - t0
-                last.update(
-                    lr=float(stats.get("lr", 0.0)),
-                    grad_norm=float(stats.get("grad_norm") or 0.0),
-                    tokens_per_s=tokens / max(elapsed, 1e-9),
-                    elapsed_s=elapsed,
-                )
-                step = trainer.global_step
-                if step % run.output.log_every == 0 or step == steps_total:
-                    metrics.log(step, last)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{last['loss']:.3f}",
-                    lm=f"{last['lm_loss']:.3f}",
-                    lbc=f"{last['lbc']:.3f}",
-                    lb=f"{last['lb']:.2f}",
-                    z=f"{last['z']:.1f}",
-                    tok_s=f"{last['tokens_per_s']:.0f}",
-                )
-                stop = handler.any_rank_should_stop() or (
-                    stop_after is not None and done_this_run >= stop_after
-                )
-                save_now = run.output.save_every and step % run.output.save_every == 0
-                if stop or save_now or step == steps_total:
-                    trainer.save(ckpt_dir, {"data": loader.state_dict(), "step": step})
-                    _prune(ckpt_dir, run.output.keep_checkpoints, is_main)
-                if stop:
-                    preempted = True
-                    break
-                if step >= steps_total:
-                    break
-        adapter_dir = out / "adapter"
+        done_this_run = 0
+        steps = optimizer_steps(loader, run.train.grad_accum)
+        while trainer.global_step < policy.max_steps:
+            last = acc.step(trainer.train_step(next(steps)))
+            step = trainer.global_step
+            done_this_run += 1
+            if step % run.output.log_every == 0 or step == policy.max_steps:
+                metrics.log(step, last)
+            bar.update(1)
+            bar.set_postfix(acc.postfix(last))
+            decision = policy.decide(step, done_this_run, handler.any_rank_should_stop())
+            if decision.save:
+                trainer.save(ckpt_dir, {"data": loader.state_dict(), "step": step})
+                if is_main:
+                    policy.prune(ckpt_dir)
+            if decision.stop:
+                preempted = decision.preempted
+                break
         if not preempted:
-            trainer.export_adapter(adapter_dir)
+            trainer.export_adapter(out / "adapter")
         dist.barrier()
     finally:
         bar.close()
@@ -403,15 +465,3 @@ def train(
         "output_dir": str(out),
         "resumed_from": resumed_from,
     }
-
-
-def _prune(ckpt_dir: Path, keep: int, is_main: bool) -> None:
-    """Remove all but the newest ``keep`` checkpoint tags (rank 0, after a complete save)."""
-    if not is_main or keep <= 0:
-        return
-    tags = sorted(
-        (p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("global_step")),
-        key=lambda p: int("".join(c for c in p.name if c.isdigit()) or 0),
-    )
-    for p in tags[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)

@@ -6,8 +6,8 @@ size, R rank, D / O input / output width of an adapted linear.
 The API the launcher calls::
 
     trainer = MoETrainer.build(model_factory, adapter_cfg, ds_config, ep_size, seed)
-    for batch in loader:                        # this rank's micro-batches
-        stats = trainer.train_micro_batch(batch)  # {loss, lm_loss, lbc, lb, z[, lr, grad_norm]}
+    for micro_batches in steps:                 # this rank's GAS micro-batches of one step
+        result = trainer.train_step(micro_batches)  # StepResult: outputs, N_step, lr, grad_norm
         trainer.global_step                     # optimizer steps taken
     trainer.save(dir, client_state)             # collective, atomic (checkpoint.py)
     client_state = trainer.load(dir)            # collective; None when nothing to resume
@@ -67,10 +67,32 @@ Precision: fp32 on CPU; ``bf16`` in the DeepSpeed config for GPUs (engine
 parameters bf16 with fp32 master weights; EP banks are fp32 master weights,
 activations travel in bf16 and are cast for the expert compute).
 
-Losses: each rank's loss is its own micro-batch's (LM loss = mean over the
-micro-batch's labelled tokens; the LBC is per micro-batch); DeepSpeed's
-data-parallel averaging makes the optimised objective the mean over ranks (and
-over GAS micro-batches) of those per-micro-batch losses.
+Losses (``loss_reduction``):
+
+* ``token_mean`` (default, :meth:`MoETrainer.train_step`): the LM loss of an
+  optimizer step is ``sum of token CE over every labelled token of every rank and
+  GAS micro-batch / N_step``. The loop hands over the GAS micro-batches of the
+  step at once; their labelled-token count is all-reduced once (``N_step``) and
+  each micro-batch's forward divides its CE sum by ``N_step / (W * GAS)``
+  (``num_items_in_batch``). ``engine.backward`` scales each loss by ``1/GAS`` and
+  the data-parallel gradient is the mean over the W ranks, so the gradient is
+  ``(1/W) sum_r (1/GAS) sum_m W*GAS*CE_sum(r,m)/N_step = d/dtheta [sum CE / N_step]``
+  exactly, whatever the label counts of the ranks and micro-batches. The
+  auxiliary losses stay per micro-step, averaged over ranks and micro-batches.
+* ``micro_batch_mean`` (the behaviour before): each micro-batch's LM loss is the
+  mean over its own labelled tokens; the objective is the mean over ranks and
+  micro-batches of those means (short samples weigh more).
+
+``train_micro_batch`` / ``forward_backward`` without ``num_items_in_batch`` are
+the micro-batch-mean building blocks.
+
+Activation checkpointing (``activation_checkpointing=True``): transformers'
+non-reentrant checkpoint around every decoder layer of the base model
+(``activation_checkpointing_enable(..., {"use_reentrant": False})``). The
+backward recomputes each layer's forward -- including the ZeRO-3 parameter
+gathers and, in EP mode, the expert all-to-alls, in the same layer order on every
+rank -- and the routing recorded for the auxiliary losses keeps its autograd
+graph (the model raises if a reentrant setup would drop it).
 """
 
 from __future__ import annotations
@@ -78,7 +100,8 @@ from __future__ import annotations
 import copy
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +117,38 @@ from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
 from loramoe_ds.parallel.groups import ExpertGroups, create_expert_groups, validate_ep
 
 CLIP_EPS = 1e-6
+IGNORE_INDEX = -100
+LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
+
+
+def count_label_tokens(labels_BS: torch.Tensor) -> int:
+    """Labelled positions of a batch: targets ``labels[:, 1:]`` that are not -100.
+
+    The model predicts ``labels[t]`` from tokens ``< t`` (transformers' shift), so
+    the first position never carries a loss.
+    """
+    return int((labels_BS[..., 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class StepResult:
+    """One optimizer step of :meth:`MoETrainer.train_step` on this rank.
+
+    Attributes:
+        outputs: The model output of each of this rank's GAS micro-batches (0-dim
+            loss tensors, graphs already freed by the backward).
+        batches: This rank's micro-batches (as given).
+        label_tokens: ``N_step``, labelled tokens of the step over all ranks and
+            micro-batches.
+        lr: The learning rate of this update.
+        grad_norm: Gradient norm before clipping (``None`` if unknown).
+    """
+
+    outputs: list[Any]
+    batches: list[dict[str, torch.Tensor]]
+    label_tokens: int
+    lr: float
+    grad_norm: float | None
 
 
 def _optim_hparams(ds_config: dict) -> dict[str, Any]:
@@ -191,7 +246,22 @@ class MoETrainer:
         comm: Byte counter of the all-to-alls.
     """
 
-    def __init__(self, engine, model, groups, banks, expert_optimizer, max_grad_norm, hparams):
+    def __init__(
+        self,
+        engine,
+        model,
+        groups,
+        banks,
+        expert_optimizer,
+        max_grad_norm,
+        hparams,
+        loss_reduction: str = "token_mean",
+    ):
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r}: valid values {list(LOSS_REDUCTIONS)}"
+            )
+        self.loss_reduction = loss_reduction
         self.engine = engine
         self.model: LoRAMoEModel = model
         self.groups: ExpertGroups = groups
@@ -215,6 +285,8 @@ class MoETrainer:
         seed: int = 0,
         num_layers: int | None = None,
         init_state: dict[str, torch.Tensor] | None = None,
+        loss_reduction: str = "token_mean",
+        activation_checkpointing: bool = False,
     ) -> MoETrainer:
         """Build the engine, the expert shards and the expert optimizer (collective).
 
@@ -230,6 +302,8 @@ class MoETrainer:
                 the rank, for dropout afterwards.
             num_layers: Decoder layers, when the factory cannot run on ``meta``.
             init_state: Optional full adapter state (export naming) to start from.
+            loss_reduction: ``token_mean`` or ``micro_batch_mean`` (module docstring).
+            activation_checkpointing: Non-reentrant checkpoint per decoder layer.
 
         Raises:
             ValueError: Bad ``ep_size`` / expert counts (before any process-group
@@ -238,6 +312,10 @@ class MoETrainer:
         import deepspeed
 
         hp = _optim_hparams(ds_config)
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r}: valid values {list(LOSS_REDUCTIONS)}"
+            )
         n_layers = _count_layers(model_factory, num_layers)
         counts = adapter_cfg.layer_experts(n_layers)
         validate_ep(ep_size, _world_size_from_env(), counts)
@@ -260,11 +338,17 @@ class MoETrainer:
             base = model_factory()
         for p in base.parameters():
             p.requires_grad_(False)
+        if activation_checkpointing:
+            enable_activation_checkpointing(base)
 
         torch.manual_seed(seed)
         model = inject(base, adapter_cfg)
         if init_state is not None:
             _load_full_state(model, init_state)
+        if getattr(adapter_cfg, "aux_loss_scope", "micro_batch") == "global_batch":
+            from loramoe_ds.parallel.aux_scope import DPGather
+
+            model.aux_gather = DPGather()  # the world group: every rank is data-parallel
         stats = CommStats()
         banks = shard_banks(model, groups, stats) if ep_size > 1 else []
 
@@ -285,7 +369,7 @@ class MoETrainer:
             for b in banks:
                 b.to(engine.device)
             expert_opt = torch.optim.AdamW([p for b in banks for p in b.parameters()], **hp)
-        trainer = cls(engine, model, groups, banks, expert_opt, max_norm, hp)
+        trainer = cls(engine, model, groups, banks, expert_opt, max_norm, hp, loss_reduction)
         return trainer
 
     # -- properties ------------------------------------------------------
@@ -310,12 +394,83 @@ class MoETrainer:
         return [layer.router.weight for layer in self.model.moe_layers()]
 
     # -- training --------------------------------------------------------
-    def forward_backward(self, batch: dict[str, torch.Tensor]):
-        """Forward and ``engine.backward`` one micro-batch (no optimizer step)."""
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], num_items_in_batch: float | None = None
+    ):
+        """Forward and ``engine.backward`` one micro-batch (no optimizer step).
+
+        Args:
+            batch: This rank's micro-batch.
+            num_items_in_batch: Divide the micro-batch's summed token CE by this
+                instead of its own labelled count (token-mean reduction).
+        """
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if num_items_in_batch is not None:
+            batch["num_items_in_batch"] = num_items_in_batch
         out = self.engine(**batch)
         self.engine.backward(out.loss)
         return out
+
+    def step_label_tokens(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
+        """``N_step``: labelled tokens of these micro-batches summed over all ranks (collective)."""
+        n = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        t = torch.tensor([n], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        return int(t.item())
+
+    def accumulate(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list, int]:
+        """Forward/backward the GAS micro-batches of one step; stop before the update.
+
+        With ``loss_reduction="token_mean"`` each forward gets
+        ``num_items_in_batch = N_step / (W * GAS)`` (module docstring). After it
+        the engine is at the accumulation boundary: call :meth:`optimizer_step`
+        (after :meth:`sync_expert_grads` / :meth:`full_adapter_grads` if wanted).
+
+        Returns:
+            ``(outputs, N_step)``.
+
+        Raises:
+            ValueError: If the number of micro-batches is not the engine's GAS.
+        """
+        G = int(self.engine.gradient_accumulation_steps())
+        if len(micro_batches) != G:
+            raise ValueError(
+                f"train_step got {len(micro_batches)} micro-batches; gradient_accumulation_steps "
+                f"is {G}"
+            )
+        n_step = self.step_label_tokens(micro_batches)
+        num_items = None
+        if self.loss_reduction == "token_mean":
+            num_items = max(n_step, 1) / (self.groups.world_size * G)
+        outputs = []
+        for i, b in enumerate(micro_batches):
+            out = self.forward_backward(b, num_items)
+            want = count_label_tokens(b["labels"])
+            if out.num_label_tokens is not None and int(out.num_label_tokens) != want:
+                raise RuntimeError(
+                    f"the model counted {int(out.num_label_tokens)} labelled tokens, the "
+                    f"trainer {want}: the token-mean denominator would be wrong"
+                )
+            outputs.append(out)
+            if i < G - 1:
+                self.engine.step()  # DeepSpeed counts the micro-step; no update
+        return outputs, n_step
+
+    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step from this rank's GAS micro-batches (collective).
+
+        Args:
+            micro_batches: ``gradient_accumulation_steps`` batches of this rank.
+
+        Returns:
+            A :class:`StepResult` (reduce it over ranks with
+            :mod:`loramoe_ds.train_loop.metrics`).
+        """
+        outputs, n_step = self.accumulate(micro_batches)
+        lr = float(self.engine.get_lr()[0])
+        norm = self.optimizer_step()
+        return StepResult(outputs, list(micro_batches), n_step, lr, norm)
 
     def train_micro_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One micro-batch; steps every optimizer at the gradient-accumulation boundary.
@@ -483,6 +638,25 @@ def _load_full_state(model: LoRAMoEModel, state: dict[str, torch.Tensor]) -> Non
                     f"init_state: {n} has shape {tuple(state[n].shape)}, model {p.shape}"
                 )
             p.copy_(state[n].to(p.dtype))
+
+
+def enable_activation_checkpointing(base: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of a transformers model.
+
+    Raises:
+        ValueError: If the architecture has no checkpointable decoder layers.
+    """
+    kwargs = {"use_reentrant": False}
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.activation_checkpointing: {type(base).__name__} does not support "
+            "activation checkpointing in transformers"
+        )
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.23
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.train()
 
 
 def gather_adapter(model, groups, full, local) -> dict[str, torch.Tensor]:
