@@ -1,0 +1,65 @@
+"""Every optimizer step of the warm-up moves routers and experts, through the real launcher path.
+
+Two CPU ranks (gloo, ZeRO-3, expert parallelism 2: experts live in the expert
+optimizer, routers in DeepSpeed's) built from ``configs/tiny.yaml`` by
+``make_plan`` + ``MoETrainer``, as ``launcher/train.py`` builds them. Reference:
+the closed-form schedule, and Adam's first update, whose largest element is the
+step's learning rate (``m/sqrt(v) = g/|g|``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from _common import HERE, REPO, free_port
+
+WARMUP, STEPS, LR = 3, 3, 1e-2
+
+
+@pytest.mark.distributed
+def test_every_warmup_step_moves_routers_and_experts(tmp_path):
+    port = free_port()
+    overrides = [
+        f"train.warmup_steps={WARMUP}", f"train.max_steps={STEPS}", f"train.lr={LR}",
+        "train.micro_batch_size=2", "model.tiny_layers=2", "model.tiny_hidden=32",
+        "parallel.ep_size=2", "train.grad_clip=0", f"output.dir={tmp_path}",
+    ]  # fmt: skip
+    procs = []
+    for r in range(2):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+        )  # fmt: skip
+        cmd = [sys.executable, str(HERE / "_warmup_worker.py"), str(tmp_path), *overrides]
+        log = open(tmp_path / f"log{r}.txt", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], (tmp_path / "log0.txt").read_text()[-3000:]
+    res = json.loads((tmp_path / "steps.json").read_text())
+    assert res["ep"], "the test must exercise the expert-parallel optimizer"
+    steps = res["steps"]
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    # The closed form: linear warm-up from LR/W at step 1 to LR at step W.
+    for s in steps:
+        assert s["lr"] == pytest.approx(LR * s["step"] / WARMUP, rel=1e-9), s["step"]
+        assert s["lr"] > 0
+    for s in steps[:WARMUP]:
+        routers = {n: d for n, d in s["delta"].items() if n.endswith("router.weight")}
+        experts_b = {n: d for n, d in s["delta"].items() if "lora_B" in n}
+        assert routers and experts_b
+        for group in (routers, experts_b):
+            for name, d in group.items():
+                assert d > 0, (s["step"], name)  # every tensor moved
+    # Adam's first update is +-lr on every element with a non-zero gradient.
+    first = steps[0]
+    for name, d in first["delta"].items():
+        if name.endswith("router.weight") or "lora_B" in name:
+            assert d == pytest.approx(first["lr"], rel=1e-3), name
+    # lora_A starts moving at step 2 (its gradient is zero while B == 0).
+    assert all(d > 0 for n, d in steps[1]["delta"].items() if "lora_A" in n)

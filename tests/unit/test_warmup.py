@@ -1,0 +1,90 @@
+"""The learning-rate schedule: closed form, every warm-up step > 0, DeepSpeed protocol, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loramoe_ds.lr_schedule import NAME, WarmupCosineLR, lr_ratio, scheduler_config
+
+
+def _reference(n: int, warmup: int, total: int, m: float) -> float:
+    """Written out step by step, independently of lr_ratio's branches."""
+    if warmup and n <= warmup:
+        return n / warmup
+    decay_steps = max(1, total - warmup)
+    p = min(1.0, (n - warmup) / decay_steps)
+    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@pytest.mark.parametrize("warmup,total,m", [(4, 40, 0.1), (1, 5, 0.0), (0, 6, 0.1), (8, 5, 0.2)])
+def test_ratio_matches_closed_form_and_every_step_moves(warmup, total, m):
+    ratios = [lr_ratio(n, warmup, total, m) for n in range(1, total + 1)]
+    assert ratios == pytest.approx([_reference(n, warmup, total, m) for n in range(1, total + 1)])
+    assert all(r > 0 for r in ratios[: max(warmup, 1)])  # warm-up steps (and step 1) move
+    if warmup:
+        assert ratios[0] == pytest.approx(1 / warmup)
+    if 0 < warmup <= total:
+        assert ratios[warmup - 1] == pytest.approx(1.0)  # the peak at step W
+    if warmup < total:
+        assert ratios[-1] == pytest.approx(m)  # the floor at step T
+
+
+def _lrs_used(sched: WarmupCosineLR, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    """LR each optimizer step uses, stepping the schedule after the update as DeepSpeed does."""
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_scheduler_sets_the_lr_of_each_step_and_resumes():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    sched = WarmupCosineLR(opt, total_num_steps=10, warmup_num_steps=4, cos_min_ratio=0.1)
+    used = _lrs_used(sched, opt, 10)
+    assert used == pytest.approx([1e-3 * lr_ratio(n, 4, 10, 0.1) for n in range(1, 11)])
+    assert used[0] == pytest.approx(2.5e-4) and used[3] == pytest.approx(1e-3)
+    # Resume after 6 steps in a fresh scheduler: the remaining steps are identical.
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    first = WarmupCosineLR(opt2, 10, 4, 0.1)
+    _lrs_used(first, opt2, 6)
+    opt3 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    resumed = WarmupCosineLR(opt3, 10, 4, 0.1)
+    resumed.load_state_dict(first.state_dict())
+    assert _lrs_used(resumed, opt3, 4) == pytest.approx(used[6:])
+
+
+def test_deepspeed_builtin_would_not_move_step_one():
+    """The regression: DeepSpeed's WarmupCosineLR gives LR 0 to optimizer steps 1 and 2."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR as DSWarmupCosine
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    ds = DSWarmupCosine(opt, total_num_steps=40, warmup_num_steps=4, warmup_min_ratio=0.0)
+    assert _lrs_used(ds, opt, 3)[:2] == [0.0, 0.0]
+
+
+def test_deepspeed_builds_it_from_the_plan_config():
+    """The DeepSpeed JSON written by make_plan selects this schedule by name."""
+    from deepspeed.runtime import lr_schedules
+
+    cfg = scheduler_config(total=40, warmup=4, min_ratio=0.1)
+    assert cfg["type"] == NAME and getattr(lr_schedules, NAME) is WarmupCosineLR
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2e-4)
+    sched = getattr(lr_schedules, cfg["type"])(opt, **cfg["params"])
+    assert sched.get_last_lr() == [pytest.approx(5e-5)]
+
+
+def test_make_plan_uses_it():
+    from loramoe_ds.run import make_plan
+    from loramoe_ds.run_config import load_run_config
+
+    run = load_run_config(None, ["model.name=tiny-llama", "train.warmup_steps=4", "train.lr=1e-3"])
+    plan = make_plan(run, {}, world_size=1, rank=0)
+    assert plan.ds_config["scheduler"] == scheduler_config(run.train.max_steps, 4, 0.1)
+    assert "linear warm-up from 0.00025 (step 1) to 0.001 (step 4)" in plan.describe()
