@@ -34,10 +34,10 @@ def main(out: Path, overrides: list[str]) -> None:
     before = trainer.full_adapter_state()
     steps = []
     for step in range(run.train.max_steps):
-        stats = trainer.train_micro_batch(C.batch(rank, step, 0))
+        result = trainer.train_step([C.batch(rank, step, 0)])  # the training loop's call
         after = trainer.full_adapter_state()
         delta = {n: float((after[n] - before[n]).abs().max()) for n in after}
-        steps.append({"step": trainer.global_step, "lr": stats["lr"], "delta": delta})
+        steps.append({"step": trainer.global_step, "lr": result.lr, "delta": delta})
         before = after
     if dist.get_rank() == 0:
         (out / "steps.json").write_text(json.dumps({"steps": steps, "ep": trainer.expert_parallel}))
