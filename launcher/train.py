@@ -3,6 +3,9 @@
     deepspeed [--num_gpus N | --hostfile H] launcher/train.py --config run.yaml \
         [--deepspeed ds_configs/X.json] [--resume auto|none|DIR] [--dry-run] [key=value ...]
 
+    # the plan for a cluster, on a laptop (no process group, no GPU):
+    python launcher/train.py --config run.yaml --dry-run --nodes 4 --gpus-per-node 8
+
 Also runs under torchrun, ``srun`` (SLURM_* mapped to RANK/WORLD_SIZE/...) and
 ``mpirun`` (OpenMPI variables). Configs are validated before any process group.
 Exit code 75 means "checkpointed on a preemption signal: requeue me".
@@ -25,10 +28,55 @@ def parse_args(argv=None):
     ap.add_argument("--deepspeed", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON")
     ap.add_argument("--resume", default="auto", help="auto | none | checkpoint directory")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    ap.add_argument(
+        "--world-size", type=int, default=None, help="--dry-run: plan for N ranks in all"
+    )
+    ap.add_argument("--nodes", type=int, default=None, help="--dry-run: plan for N nodes ...")
+    ap.add_argument("--gpus-per-node", type=int, default=None, help="... of G GPUs (ranks) each")
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return ap.parse_args(argv)
+
+
+def planned_topology(args) -> tuple[int, int | None] | None:
+    """``(world size, GPUs per node or None)`` asked for with ``--dry-run``, or None.
+
+    ``--world-size N``, or ``--nodes N --gpus-per-node G`` (world ``N x G``), or
+    ``--world-size`` with one of the two (which must divide it).
+
+    Raises:
+        ValueError: Without ``--dry-run`` (a real run takes its topology from the
+            launcher), for values < 1, or for numbers that do not agree.
+    """
+    world, nodes, gpn = args.world_size, args.nodes, args.gpus_per_node
+    given = {k: v for k, v in (("--world-size", world), ("--nodes", nodes),
+                               ("--gpus-per-node", gpn)) if v is not None}  # fmt: skip
+    if not given:
+        return None
+    if not args.dry_run:
+        raise ValueError(
+            f"{', '.join(given)} plan a topology for --dry-run only; a real run takes its "
+            "world size from the launcher (deepspeed, torchrun, srun, mpirun)"
+        )
+    for flag, v in given.items():
+        if v < 1:
+            raise ValueError(f"{flag} {v}: must be >= 1")
+    if world is None:
+        if nodes is None or gpn is None:
+            raise ValueError("give --world-size N, or both --nodes N and --gpus-per-node G")
+        return nodes * gpn, gpn
+    if nodes is not None and gpn is not None and nodes * gpn != world:
+        raise ValueError(
+            f"--world-size {world} but --nodes {nodes} x --gpus-per-node {gpn} = {nodes * gpn}"
+        )
+    if gpn is None and nodes is not None:
+        if world % nodes:
+            raise ValueError(f"--world-size {world} is not a multiple of --nodes {nodes}")
+        gpn = world // nodes
+    if gpn is not None and world % gpn:
+        raise ValueError(f"--world-size {world} is not a multiple of --gpus-per-node {gpn}")
+    return world, gpn
 
 
 def main(argv=None) -> int:
@@ -42,12 +90,26 @@ def main(argv=None) -> int:
     from loramoe_ds.run import make_plan, train
     from loramoe_ds.run_config import load_ds_config, load_run_config
 
+    env = None
     try:
+        topology = planned_topology(args)
         run = load_run_config(args.config, args.overrides)
+        ds_user = load_ds_config(args.ds_config)
+        if topology is not None:  # a dry run for the cluster you will use: no process group
+            handler.uninstall()
+            print(make_plan(run, ds_user, topology[0], 0, gpus_per_node=topology[1]).describe())
+            return 0
         env = setup_dist_env()
-        plan = make_plan(run, load_ds_config(args.ds_config), env.world_size, env.rank)
+        plan = make_plan(run, ds_user, env.world_size, env.rank)
     except ValueError as e:  # bad input: one clear line, no traceback, before any process group
-        print(f"error: {e}", file=sys.stderr)
+        hint = ""
+        if args.dry_run and env is not None and env.world_size == 1:
+            hint = (
+                " (this dry run planned for 1 process; pass --world-size N, or --nodes N "
+                "--gpus-per-node G, to plan for your cluster)"
+            )
+        print(f"error: {e}{hint}", file=sys.stderr)
+        handler.uninstall()
         return 2
     if env.local_rank == 0:  # one line per node: where this node's ranks think they are
         print(
@@ -59,6 +121,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         if env.rank == 0:
             print(plan.describe())
+        handler.uninstall()
         return 0
     import torch.distributed as dist
 

@@ -1,0 +1,106 @@
+"""``launcher/train.py --dry-run`` for a planned topology, in-process (no process group)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    spec = importlib.util.spec_from_file_location("train_launcher", ROOT / "launcher" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch):
+    """A laptop: no launcher variables; whatever the launcher writes is undone afterwards."""
+    saved = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "SLURM_PROCID", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK",
+              "PMI_RANK"):  # fmt: skip
+        monkeypatch.delenv(k, raising=False)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _groups(out: str, label: str) -> list[list[int]]:
+    line = next(x for x in out.splitlines() if x.strip().startswith(label))
+    return eval(line.split(label, 1)[1])  # noqa: S307 - our own printed list
+
+
+def test_world_size_plans_the_groups(launcher, capsys):
+    """ep_size 2 of configs/tiny.yaml on 6 planned ranks: groups as the EP/EDP rule says."""
+    assert launcher.main(["--config", CONFIG, "--dry-run", "--world-size", "6"]) == 0
+    out = capsys.readouterr().out
+    W, ep = 6, 2
+    assert out.startswith(f"world size {W}: {W // ep} expert-parallel group(s) of {ep}")
+    assert _groups(out, "EP groups") == [[r for r in range(W) if r // ep == g] for g in range(3)]
+    assert _groups(out, "EDP groups") == [[r for r in range(W) if r % ep == j] for j in range(2)]
+    assert "DP 6 = global 24" in out  # micro 4 x GAS 1 x 6
+    assert "[dist]" not in out
+
+
+def test_nodes_times_gpus_per_node(launcher, capsys):
+    argv = ["--config", CONFIG, "--dry-run", "--nodes", "2", "--gpus-per-node", "4"]
+    assert launcher.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("world size 8: 4 expert-parallel group(s) of 2")
+    assert "2 node(s) x 4 GPUs; every EP group within one node" in out
+    # ep_size 4 on 3 GPUs per node would put an EP group across two nodes: said so.
+    argv = ["--config", CONFIG, "--dry-run", "--nodes", "4", "--gpus-per-node", "3",
+            "parallel.ep_size=4"]  # fmt: skip
+    assert launcher.main(argv) == 0
+    assert "EP groups span nodes" in capsys.readouterr().out
+
+
+def test_laptop_dry_run_without_topology_says_how(launcher, capsys):
+    """The issue's case: ep_size 2 on a 1-process dry run fails, and the message says what to do."""
+    assert launcher.main(["--config", CONFIG, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ep_size=2 does not divide the world size 1" in err
+    assert "pass --world-size N, or --nodes N --gpus-per-node G" in err
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--world-size", "4"], "plan a topology for --dry-run only"),
+        (["--dry-run", "--nodes", "2"], "both --nodes N and --gpus-per-node G"),
+        (["--dry-run", "--world-size", "0"], "--world-size 0: must be >= 1"),
+        (["--dry-run", "--world-size", "6", "--nodes", "2", "--gpus-per-node", "4"],
+         "--world-size 6 but --nodes 2 x --gpus-per-node 4 = 8"),
+        (["--dry-run", "--world-size", "6", "--gpus-per-node", "4"], "not a multiple of"),
+        (["--dry-run", "--world-size", "3"], "ep_size=2 does not divide the world size 3"),
+    ],
+)  # fmt: skip
+def test_bad_topology_is_one_line_exit_2(launcher, capsys, argv, msg):
+    assert launcher.main(["--config", CONFIG, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and msg in err
+
+
+def test_adapter_larger_than_base_warns_once(launcher, capsys):
+    """Warning (one line) when the adapter outgrows the base; the counts are the plan's own."""
+    argv = ["--config", CONFIG, "--dry-run", "--world-size", "2", "adapter.num_experts=64"]
+    assert launcher.main(argv) == 0
+    cap = capsys.readouterr()
+    lines = [x for x in cap.err.splitlines() if x.startswith("warning: the adapter")]
+    assert len(lines) == 1
+    # tiny.yaml: 4 layers, hidden d 64, FFN f 128, rank 4 on gate (d->f), up (d->f), down (f->d);
+    # each expert is A (r x in) + B (out x r), each router in -> E.
+    E, L, r, d, f = 64, 4, 4, 64, 128
+    experts = L * E * r * ((d + f) + (d + f) + (f + d))
+    routers = L * E * (d + d + f)
+    assert f"the adapter has {experts + routers:,} trainable parameters" in lines[0]
+    assert launcher.main(["--config", CONFIG, "--dry-run", "--world-size", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err
