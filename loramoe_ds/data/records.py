@@ -7,6 +7,12 @@ Parquet. Every problem is reported as ``path:N: message`` where ``N`` is the
 1-based line (JSONL) or record number (JSON array, Parquet), so a user can jump
 to it. Nothing is dropped silently: skipped records are counted in
 :class:`DataStats`.
+
+Text files must be UTF-8; a UTF-8 byte-order mark (as Windows editors write)
+is accepted. A JSON line that is not valid UTF-8 is a bad record (``path:line:
+not valid UTF-8 ...``: an error, or counted and skipped with
+``skip_bad_records``); in a JSON array file, which is parsed whole, it is always
+an error. A UTF-16 file is rejected at once with a message saying so.
 """
 
 from __future__ import annotations
@@ -100,6 +106,26 @@ class _BadRecordError(DataError):
         self.reason = reason
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _not_utf8(path: Path, lineno: int, line: bytes, pos: int) -> str:
+    """``path:line: not valid UTF-8 (byte 0x.. at column C) ...``; ``pos``: byte offset in line."""
+    col = len(line[:pos].decode("utf-8", errors="replace")) + 1
+    return (
+        f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[pos]:02x} at column {col}); "
+        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _check_not_utf16(path: Path, head: bytes) -> None:
+    if head.startswith(_UTF16_BOMS):
+        raise DataError(
+            f"{path}:1: the file is UTF-16 (byte-order mark 0x{head[:2].hex()}); save it as UTF-8"
+        )
+
+
 def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
     """Yields ``(line_or_record_number, raw_object)``; raises on malformed JSON.
 
@@ -116,23 +142,36 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
                 n += 1
                 yield n, row
         return
-    if suffix == ".json":
-        with path.open("rb") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith(b"["):
-            try:
-                with path.open(encoding="utf-8") as f:
-                    rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from e
-            for i, row in enumerate(rows, start=1):
-                yield i, row
-            return
-        # Otherwise a .json file holding JSON lines: fall through.
-    elif suffix not in (".jsonl", ".ndjson"):
+    if suffix not in (".json", ".jsonl", ".ndjson"):
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        head = f.read(4096)
+    _check_not_utf16(path, head)
+    if suffix == ".json" and head.removeprefix(_UTF8_BOM).lstrip().startswith(b"["):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            lineno = data.count(b"\n", 0, e.start) + 1
+            start = data.rfind(b"\n", 0, e.start) + 1
+            raise DataError(_not_utf8(path, lineno, data[start:], e.start - start)) from None
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from e
+        for i, row in enumerate(rows, start=1):
+            yield i, row
+        return
+    # JSON lines (also a .json file that is not one array). Bytes are decoded per
+    # line so that a bad byte is reported (or skipped) at its line.
+    with path.open("rb") as f:
+        for lineno, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                msg = _not_utf8(path, lineno, raw_line, e.start)
+                yield lineno, _BadRecordError(msg, "not utf-8")
+                continue
             if not line.strip():
                 continue
             try:
