@@ -98,6 +98,66 @@ def batch(rank: int, step: int, micro: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_type": task}
 
 
+def uneven_batch(rank: int, micro: int) -> dict[str, torch.Tensor]:
+    """A micro-batch whose length, padding and prompt length depend on (rank, micro).
+
+    Labelled-token counts therefore differ a lot between ranks and micro-batches
+    (what separates a token mean over the step from a mean of micro-batch means).
+    """
+    g = torch.Generator().manual_seed(7919 * rank + 31 * micro + 5)
+    S = 5 + (3 * rank + 2 * micro) % 7
+    ids = torch.randint(0, VOCAB, (MICRO_B, S), generator=g)
+    mask = torch.ones(MICRO_B, S, dtype=torch.long)
+    pad = (rank + micro) % 3
+    if pad:
+        mask[1, -pad:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[0, : 1 + (rank * 5 + micro * 3) % (S - 1)] = -100  # prompt of 1..S-1 tokens
+    labels[1, : 1 + rank % 2] = -100
+    task = torch.tensor([rank % 2, 1 - micro % 2])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_type": task}
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch holding every sample of ``batches``, right-padded to the longest."""
+    S = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, S - t.shape[1]), value=value)
+
+    return {
+        "input_ids": torch.cat([pad(b["input_ids"], 0) for b in batches]),
+        "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
+        "labels": torch.cat([pad(b["labels"], -100) for b in batches]),
+        "task_type": torch.cat([b["task_type"] for b in batches]),
+    }
+
+
+def reference_model(router: str, base_state: dict[str, torch.Tensor], dropout: float = 0.0):
+    """Single-process model with the distributed run's base weights and initial adapter."""
+    from loramoe_ds.model.inject import inject
+
+    torch.manual_seed(0)
+    model = inject(model_factory(), adapter_cfg(router, dropout))
+    missing, unexpected = model.base.load_state_dict(base_state, strict=False)
+    adapter = dict(model.adapter_named_parameters())
+    assert not unexpected and set(missing) == set(adapter)
+    init = init_state(router)
+    with torch.no_grad():
+        for n, p in adapter.items():
+            p.copy_(init[n])
+    return model, adapter
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, what: str) -> None:
+    """``max|a - b| <= rtol * max(1, max|b|)``."""
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    assert err <= rtol * max(1.0, scale), f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,8 +165,12 @@ def free_port() -> int:
 
 
 def launch(world: int, scenario: str, args: dict, out: Path, timeout: float = 300, env=None,
-           wait: bool = True):  # fmt: skip
-    """Start ``world`` worker processes (gloo, CPU, one thread each)."""
+           wait: bool = True, worker: str = "_worker.py"):  # fmt: skip
+    """Start ``world`` worker processes (gloo, CPU, one thread each).
+
+    ``worker`` is a script beside this file, called ``worker SCENARIO ARGS OUT``
+    (``scenario=None``: ``worker ARGS OUT``).
+    """
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -119,7 +183,8 @@ def launch(world: int, scenario: str, args: dict, out: Path, timeout: float = 30
         )  # fmt: skip
         e.update(env or {})
         log = open(out / f"log_rank{r}.txt", "w")
-        cmd = [sys.executable, str(HERE / "_worker.py"), scenario, json.dumps(args), str(out)]
+        cmd = [sys.executable, str(HERE / worker)] + ([scenario] if scenario else [])
+        cmd += [json.dumps(args), str(out)]
         procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT))
     if not wait:
         return procs

@@ -112,11 +112,73 @@ def train(args, out: Path):
             "final": trainer.full_adapter_state()}  # fmt: skip
 
 
+def token_mean(args, out: Path):
+    """One optimizer step per case from uneven micro-batches: N_step, reduced row, grads."""
+    import torch.distributed as dist
+
+    from loramoe_ds.train_loop.metrics import reduce_step
+
+    results = {}
+    world = int(os.environ["WORLD_SIZE"])
+    for case in args["cases"]:
+        cfg = C.ds_config(world, case["stage"], case["gas"], 0.0)
+        trainer = MoETrainer.build(
+            C.model_factory, C.adapter_cfg(case["router"]), cfg, case["ep"], seed=0,
+            init_state=C.init_state(case["router"]), loss_reduction=case["reduction"],
+        )  # fmt: skip
+        rank = dist.get_rank()
+        base = base_state(trainer)
+        micro = [C.uneven_batch(rank, m) for m in range(case["gas"])]
+        outputs, n_step = trainer.accumulate(micro)
+        row = reduce_step(outputs, micro)
+        flat = trainer.sync_expert_grads()
+        grads = trainer.full_adapter_grads()
+        trainer.optimizer_step(flat)
+        results[case["key"]] = {"base": base if rank == 0 else None, "grads": grads,
+                                "row": row, "n_step": n_step}  # fmt: skip
+        dist.barrier()
+    return results
+
+
+def activation_checkpointing(args, out: Path):
+    """Per case: one step without and one with activation checkpointing, same start."""
+    import torch.distributed as dist
+
+    results = {}
+    world = int(os.environ["WORLD_SIZE"])
+    for case in args["cases"]:
+        for ac in (False, True):
+            cfg = C.ds_config(world, case["stage"], 1, 0.0)
+            trainer = MoETrainer.build(
+                C.model_factory, C.adapter_cfg(case["router"], dropout=0.1), cfg, case["ep"],
+                seed=0, init_state=C.init_state(case["router"]), activation_checkpointing=ac,
+            )  # fmt: skip
+            rank = dist.get_rank()
+            calls = []
+            first = trainer.model.moe_layers()[0]
+            hook = first.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+            trainer.comm.reset()
+            outputs, _ = trainer.accumulate([C.batch(rank, 0, 0)])
+            hook.remove()
+            flat = trainer.sync_expert_grads()
+            results[(case["key"], ac)] = {
+                "grads": trainer.full_adapter_grads(),
+                "loss": float(outputs[0].loss),
+                "forwards": len(calls),
+                "a2a_calls": trainer.comm.calls,
+            }
+            trainer.optimizer_step(flat)
+            dist.barrier()
+    return results
+
+
 def main():
     scenario, args, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     import torch.distributed as dist
 
-    res = {"equivalence": equivalence, "train": train}[scenario](args, out)
+    scenarios = {"equivalence": equivalence, "train": train, "token_mean": token_mean,
+                 "activation_checkpointing": activation_checkpointing}  # fmt: skip
+    res = scenarios[scenario](args, out)
     rank = dist.get_rank()
     torch.save(res, out / f"result_rank{rank}.pt")
     dist.barrier()
