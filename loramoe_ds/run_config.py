@@ -232,7 +232,8 @@ class RunConfig:
             try:
                 kwargs[name] = sec_cls(**sec)
             except (ValueError, TypeError) as e:
-                raise ValueError(f"{where}: {name}: {e}") from e
+                named = str(e).startswith(f"{name}.")  # the message already says section.field
+                raise ValueError(f"{where}: {e}" if named else f"{where}: {name}: {e}") from e
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,8 +286,14 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raise ValueError(f"config file {path} does not exist")
         try:
             d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML/JSON: {e}") from e
+        except yaml.YAMLError as e:  # one line: file:line:column and the problem
+            mark = getattr(e, "problem_mark", None)
+            at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            context = getattr(e, "context", None)
+            raise ValueError(
+                f"{at}: not valid YAML/JSON: {what}" + (f" ({context})" if context else "")
+            ) from e
         if not isinstance(d, dict):
             raise ValueError(f"{path}: top level must be a mapping of sections")
     return RunConfig.from_dict(apply_overrides(d, list(overrides)), where=where)

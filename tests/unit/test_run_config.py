@@ -151,3 +151,14 @@ def test_coercion_is_generic_over_any_dataclass():
 def test_range_errors_name_the_field(override, msg):
     with pytest.raises(ValueError, match=msg):
         load_run_config(None, [override])
+
+
+def test_yaml_syntax_error_is_one_line_with_position(tmp_path):
+    p = _write(tmp_path, "train:\n  lr: 1\n  steps: [1, 2\n")
+    with pytest.raises(ValueError) as e:
+        load_run_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{p}:4:1: not valid YAML/JSON: expected ','")
+    tab = _write(tmp_path, "train:\n\tlr: 1\n", "tab.yaml")
+    with pytest.raises(ValueError, match=r"tab.yaml:2:1: not valid YAML/JSON: found char"):
+        load_run_config(tab)
