@@ -241,3 +241,23 @@ def test_dry_run_prints_plan():
     assert "EP groups  [[0, 1], [2, 3]]" in p.stdout
     assert "EDP groups [[0, 2], [1, 3]]" in p.stdout
     assert "experts per layer [4, 4, 4, 4]" in p.stdout
+
+
+def test_bad_record_fails_before_the_model_loads(tmp_path):
+    """A bad record: one line naming file:line and field, exit 2, before model and engine.
+
+    One process with ``MASTER_PORT=1``: building the engine (or any process group)
+    first would fail on the rendezvous instead of reporting the record.
+    """
+    bad = tmp_path / "train.jsonl"
+    good = {"instruction": "Say hi.", "input": "", "output": "Hi.", "task_type": 0}
+    lines = [good, good, {"instruction": "No answer.", "input": "", "task_type": 1}, good]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "out"
+    p = _direct(1, f"data.train_files=[{bad}]", f"output.dir={out}", "parallel.ep_size=1")
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    assert f"{bad}:3" in errors[0] and "'output'" in errors[0], errors[0]
+    assert "Traceback" not in p.stderr
+    assert not (out / "metrics.csv").exists() and not (out / "checkpoints").exists()
