@@ -142,7 +142,10 @@ def _hf_config(run: RunConfig) -> tuple[Any, str | None]:
     if name == "smollm2":
         from loramoe_ds.smollm2 import ensure_smollm2
 
-        model_dir = str(ensure_smollm2())
+        try:
+            model_dir = str(ensure_smollm2())
+        except (FileNotFoundError, ImportError) as e:  # package missing: one line, exit 2
+            raise ValueError(f"model.name='smollm2': {e}") from e
     else:
         model_dir = name
         if not Path(model_dir, "config.json").is_file():
@@ -152,7 +155,13 @@ def _hf_config(run: RunConfig) -> tuple[Any, str | None]:
             )
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir), model_dir
+    try:
+        return AutoConfig.from_pretrained(model_dir), model_dir
+    except (OSError, ValueError, KeyError) as e:  # unreadable or unknown model_type
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"model.name={name!r}: transformers cannot read {model_dir}/config.json: {first}"
+        ) from e
 
 
 def make_plan(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,21 @@ def test_adapter_larger_than_base_warns_once(launcher, capsys):
     assert f"the adapter has {experts + routers:,} trainable parameters" in lines[0]
     assert launcher.main(["--config", CONFIG, "--dry-run", "--world-size", "2"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config_json,msg",
+    [
+        ('{"model_type": "nosuchmodel"}', "has model type `nosuchmodel`"),
+        ("{bad", "is not a valid JSON file"),
+        (None, "not 'smollm2', a tiny-\\* model, or a local Hugging Face model directory"),
+    ],
+)
+def test_unreadable_model_dir_is_one_line_exit_2(launcher, capsys, tmp_path, config_json, msg):
+    if config_json is not None:
+        (tmp_path / "config.json").write_text(config_json)
+    argv = ["--config", CONFIG, "--dry-run", "--world-size", "2", f"model.name={tmp_path}"]
+    assert launcher.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model.name={str(tmp_path)!r}") and err.count("\n") == 1
+    assert re.search(msg, err)
