@@ -227,7 +227,7 @@ def validate_record(raw: Any, where: str, cfg: DataConfig) -> dict[str, Any]:
         if tt not in cfg.task_type_names:
             raise _BadRecordError(
                 f"{where}: field 'task_type' has unknown name {tt!r}; known: "
-                f"{sorted(cfg.task_type_names)} (set DataConfig.task_type_names)",
+                f"{sorted(cfg.task_type_names)} (map it to 0 or 1 in data.task_type_names)",
                 "unknown task_type",
             )
         tt = cfg.task_type_names[tt]
