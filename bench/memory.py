@@ -1,0 +1,136 @@
+"""Peak memory of a SmolLM2 training step with and without activation checkpointing.
+
+    python bench/memory.py [--batch 4] [--seq 512] [--router soft]
+
+Each setting runs in its own process (one rank: ZeRO-3, gloo, CPU, fp32) through
+the training path itself (``make_plan`` -> ``MoETrainer.build`` ->
+``train_step``) on the embedded SmolLM2-135M-Instruct with the demo config's
+LoRAMoE adapter. The step's peak is the kernel's resident-set high-water mark
+(``VmHWM``), reset (``/proc/self/clear_refs``) just before the measured step --
+the second one, so AdamW's state already exists in both settings. Reported:
+RSS before the step, the step's peak and the difference (activations and
+transients), the step time, and the loss (must agree: same weights, same batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(args) -> dict:
+    import torch
+
+    from loramoe_ds.parallel.engine import MoETrainer
+    from loramoe_ds.run import make_plan, model_factory
+    from loramoe_ds.run_config import load_run_config
+
+    run = load_run_config(
+        ROOT / "configs" / "smollm2_demo.yaml",
+        [
+            "parallel.ep_size=1",
+            f"adapter.router={args.router}",
+            f"train.micro_batch_size={args.batch}",
+            f"data.max_length={args.seq}",
+            f"train.activation_checkpointing={'true' if args.ac else 'false'}",
+            f"output.dir={args.out}",
+        ],
+    )
+    plan = make_plan(run, {}, 1, 0)
+    trainer = MoETrainer.build(
+        model_factory(plan), run.adapter, plan.ds_config, ep_size=1, seed=0,
+        num_layers=plan.num_layers, activation_checkpointing=args.ac,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    vocab = plan.hf_config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    labels = ids.clone()
+    labels[:, : args.seq // 4] = -100  # a prompt quarter without loss, as in SFT
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "task_type": torch.arange(args.batch) % 2}  # fmt: skip
+    trainer.train_step([batch])  # step 1: allocates AdamW state
+    rss0 = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    res = trainer.train_step([batch])
+    dt = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    return {"ac": args.ac, "rss_before_mib": rss0 / 1024, "peak_mib": peak / 1024,
+            "step_peak_minus_before_mib": (peak - rss0) / 1024, "step_s": dt,
+            "loss": float(res.outputs[0].loss)}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--router", default="soft", choices=["soft", "topk"])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ac", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ac in (0, 1):
+            env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                       DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))  # fmt: skip
+            cmd = [sys.executable, __file__, "--child", "--ac", str(ac), "--batch",
+                   str(args.batch), "--seq", str(args.seq), "--router", args.router,
+                   "--out", str(Path(tmp) / f"ac{ac}")]  # fmt: skip
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not lines:
+                sys.exit(f"child ac={ac} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+            rows.append(json.loads(lines[0][7:]))
+    off, on = rows
+    print(f"# bench/memory.py SmolLM2-135M, {args.router} LoRAMoE adapter (demo config), "
+          f"batch {args.batch} x {args.seq} tokens, 1 rank ZeRO-3 fp32 CPU, "
+          f"threads={os.environ.get('OMP_NUM_THREADS', 'default')}")  # fmt: skip
+    print("| activation checkpointing | RSS before step (MiB) | step peak RSS (MiB) "
+          "| peak - before (MiB) | step time (s) | loss |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {'on' if r['ac'] else 'off'} | {r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} "
+            f"| {r['step_peak_minus_before_mib']:.0f} | {r['step_s']:.1f} | {r['loss']:.5f} |"
+        )
+    saved = off["peak_mib"] - on["peak_mib"]
+    act = off["step_peak_minus_before_mib"] - on["step_peak_minus_before_mib"]
+    print(
+        f"peak saved: {saved:.0f} MiB ({100 * saved / off['peak_mib']:.0f}% of the peak); "
+        f"step-transient memory {off['step_peak_minus_before_mib']:.0f} -> "
+        f"{on['step_peak_minus_before_mib']:.0f} MiB ({act:.0f} MiB less); "
+        f"time x{on['step_s'] / off['step_s']:.2f}"
+    )
+    if abs(off["loss"] - on["loss"]) > 1e-4 * max(1.0, abs(off["loss"])):
+        sys.exit(f"losses differ: {off['loss']} vs {on['loss']}")
+
+
+if __name__ == "__main__":
+    main()
