@@ -65,14 +65,23 @@ class StatefulLoader:
         self.num_workers = num_workers
         self.stats: DataStats | None = None
         """Set by :func:`build_dataloader`: what the pipeline read/kept/skipped."""
-        self.padding: PaddingStats | None = None
-        """Set by :func:`build_dataloader`: epoch 0's padding fraction, packed vs padded."""
+        self.padding_fn: Callable[[], PaddingStats] | None = None
+        """Set by :func:`build_dataloader`: computes :attr:`padding` on first use."""
+        self._padding: PaddingStats | None = None
         self._position = 0
 
     def __len__(self) -> int:
         """Batches in the current epoch (incomplete last batch dropped: equal steps per
         rank; with packing the number of rows, hence of batches, can vary by epoch)."""
         return self.sampler.per_rank // self.batch_size
+
+    @property
+    def padding(self) -> PaddingStats | None:
+        """Epoch 0's padding fraction, packed vs padded (computed on first access:
+        without packing it packs the epoch once, about 4 s per million records)."""
+        if self._padding is None and self.padding_fn is not None:
+            self._padding = self.padding_fn()
+        return self._padding
 
     @property
     def epoch(self) -> int:
@@ -141,13 +150,15 @@ def build_dataloader(
     cfg = cfg or DataConfig()
     ds, stats = load_tokenized(paths, tokenizer, cfg, is_main=is_main, barrier=barrier)
     ds = ds.select_columns(["input_ids", "prompt_len", "task_type"])
-    lengths = record_lengths(ds)
-    packed = PackedDistributedSampler(
-        lengths, cfg.max_length, world_size, rank, seed=cfg.seed, shuffle=cfg.shuffle
-    )
     pad_id = pad_id_for(tokenizer)
+
+    def packed_sampler() -> PackedDistributedSampler:
+        return PackedDistributedSampler(
+            record_lengths(ds), cfg.max_length, world_size, rank, seed=cfg.seed, shuffle=cfg.shuffle
+        )
+
     if cfg.packing:
-        sampler: ResumableDistributedSampler = packed
+        sampler: ResumableDistributedSampler = packed_sampler()
         dataset: Any = PackedRows(ds)
         collate: Callable[..., dict[str, torch.Tensor]] = PackedCollator(
             pad_id, cfg.pad_to_multiple_of
@@ -159,12 +170,17 @@ def build_dataloader(
         dataset, collate = ds, Collator(pad_id, cfg.pad_to_multiple_of)
     loader = StatefulLoader(dataset, sampler, batch_size, collate, num_workers=cfg.num_workers)
     loader.stats = stats
-    loader.padding = padding_stats(
-        lengths,
-        packed.record_order(0),
-        packed.rows(0),
-        world_size=world_size,
-        batch_size=batch_size,
-        pad_to_multiple_of=cfg.pad_to_multiple_of,
-    )
+
+    def padding() -> PaddingStats:
+        packed = sampler if isinstance(sampler, PackedDistributedSampler) else packed_sampler()
+        return padding_stats(
+            packed.lengths,
+            packed.record_order(0),
+            packed.rows(0),
+            world_size=world_size,
+            batch_size=batch_size,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
+        )
+
+    loader.padding_fn = padding
     return loader

@@ -327,9 +327,18 @@ def _loss_and_grads(model, batch: dict) -> tuple[dict, dict]:
     return losses, grads
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("router", ["soft", "topk"])
-def test_packed_batch_equals_padded_batch(arch: str, router: str) -> None:
+@pytest.mark.parametrize(
+    "arch,router,attn,lbc_variant",
+    [
+        ("llama", "soft", "sdpa", "published"),
+        ("llama", "topk", "sdpa", "intended"),
+        ("llama", "soft", "eager", "intended"),
+        ("qwen2", "soft", "sdpa", "intended"),
+        ("qwen2", "topk", "sdpa", "published"),
+        ("qwen2", "topk", "eager", "published"),
+    ],
+)
+def test_packed_batch_equals_padded_batch(arch: str, router: str, attn: str, lbc_variant: str):
     """Loss, every aux loss and every adapter gradient: packed rows == one record per row.
 
     fp32, dropout 0, LBC on with both task types, load-balance and z losses on. The
@@ -352,8 +361,11 @@ def test_packed_batch_equals_padded_batch(arch: str, router: str) -> None:
         load_balance_coef=0.3,
         z_loss_coef=0.01,
         target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
+        lbc_variant=lbc_variant,
     )
-    model = inject(tiny_model(arch, seed=3), cfg)
+    base = tiny_model(arch, seed=3)
+    base.set_attn_implementation(attn)
+    model = inject(base, cfg)
     model.train()
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # non-zero LoRA B so that every adapter weight gets a gradient
