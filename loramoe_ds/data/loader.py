@@ -32,7 +32,7 @@ class StatefulLoader:
 
     The sampler's own position runs ahead of training when the DataLoader
     prefetches, so the checkpointable state is kept here: ``position`` is the
-    number of samples in batches already yielded to the caller. Iterating
+    number of samples (packed rows with packing) in batches already yielded to the caller. Iterating
     yields the rest of the current epoch, then moves to the next epoch.
 
     Args:
@@ -55,7 +55,7 @@ class StatefulLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if sampler.per_rank < batch_size:
             raise ValueError(
-                f"each rank gets {sampler.per_rank} samples per epoch, fewer than "
+                f"each rank gets {sampler.per_rank} samples (or packed rows) per epoch, fewer than "
                 f"batch_size={batch_size}"
             )
         self.dataset = dataset
@@ -105,7 +105,7 @@ class StatefulLoader:
         self._position = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Sampler state with ``position`` = samples in batches consumed so far."""
+        """Sampler state with ``position`` = samples (or packed rows) in batches consumed so far."""
         return {**self.sampler.state_dict(), "position": self._position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
