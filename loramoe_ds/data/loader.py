@@ -32,8 +32,9 @@ class StatefulLoader:
 
     The sampler's own position runs ahead of training when the DataLoader
     prefetches, so the checkpointable state is kept here: ``position`` is the
-    number of samples (packed rows with packing) in batches already yielded to the caller. Iterating
-    yields the rest of the current epoch, then moves to the next epoch.
+    number of samples (packed rows with packing) in batches already yielded to
+    the caller. Iterating yields the rest of the current epoch, then moves to
+    the next epoch.
 
     Args:
         dataset: Indexable dataset of tokenised examples.
