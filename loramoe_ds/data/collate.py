@@ -85,21 +85,38 @@ class PackedCollator:
     - ``attention_mask[b, t]``: 1 on record tokens, 0 on padding (token
       counting only: in packed mode the model attends by ``position_ids``).
 
+    With ``flash_attn_kwargs=True`` the batch also carries transformers'
+    ``FlashAttentionKwargs`` for the varlen flash-attention path, over the B*S
+    tokens read as one flattened sequence (as ``DataCollatorWithFlattening``
+    does): ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32, boundaries of every
+    record and of every row's padding block) and ``max_length_q`` =
+    ``max_length_k`` (int). transformers' flash path infers varlen boundaries
+    from ``position_ids`` only for a batch of one row; with these kwargs it
+    works for any B. SDPA and eager ignore them.
+
     Args:
         pad_token_id: Id written into padding positions of ``input_ids``.
         pad_to_multiple_of: Round S up to a multiple of this (None: longest row).
+        flash_attn_kwargs: Add the flash-attention varlen kwargs.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        flash_attn_kwargs: bool = False,
+    ) -> None:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.flash_attn_kwargs = flash_attn_kwargs
 
-    def __call__(self, rows: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
         """Collates a list of rows.
 
         Returns:
             ``torch.long`` tensors ``input_ids``, ``attention_mask``, ``labels``,
-            ``position_ids``, ``seq_ids`` and ``task_type``, all ``(B, S)``.
+            ``position_ids``, ``seq_ids`` and ``task_type``, all ``(B, S)``
+            (plus the flash-attention kwargs when asked for).
         """
         B = len(rows)
         S = max(sum(len(e["input_ids"]) for e in row) for row in rows)
@@ -125,7 +142,7 @@ class PackedCollator:
                 task_type_BS[b, t : t + L] = int(e["task_type"])
                 t += L
             position_ids_BS[b, t:] = torch.arange(S - t)
-        return {
+        out: dict[str, Any] = {
             "input_ids": input_ids_BS,
             "attention_mask": attention_mask_BS,
             "labels": labels_BS,
@@ -133,6 +150,15 @@ class PackedCollator:
             "seq_ids": seq_ids_BS,
             "task_type": task_type_BS,
         }
+        if self.flash_attn_kwargs:
+            pos_T = position_ids_BS.reshape(-1)
+            starts = torch.nonzero(pos_T == 0).reshape(-1)
+            cu = torch.cat([starts, torch.tensor([pos_T.numel()])]).to(torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            out.update(
+                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest
+            )
+        return out
 
 
 def pad_id_for(tokenizer: Any) -> int:

@@ -234,6 +234,12 @@ def test_packed_collator_hand_built() -> None:
     assert b0["labels"].tolist() == [[X, 6, X, 6]]
     b8 = PackedCollator(0, pad_to_multiple_of=8)(rows)
     assert b8["input_ids"].shape == (2, 8) and b8["position_ids"][0].tolist()[-1] == 0
+    # Flash-attention varlen kwargs over the flattened 2*7 tokens: records 4, 3 | 3, pad 4.
+    fa = PackedCollator(0, flash_attn_kwargs=True)(rows)
+    assert fa["cu_seq_lens_q"].tolist() == [0, 4, 7, 10, 14] == fa["cu_seq_lens_k"].tolist()
+    assert fa["cu_seq_lens_q"].dtype == torch.int32
+    assert fa["max_length_q"] == fa["max_length_k"] == 4
+    assert all(torch.equal(fa[k], b[k]) for k in b)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -381,6 +387,12 @@ def test_packed_batch_equals_padded_batch(arch: str, router: str, attn: str, lbc
 
     ref_l, ref_g = _loss_and_grads(model, padded)
     got_l, got_g = _loss_and_grads(model, packed)
+    if attn == "sdpa":  # the flash-attention kwargs are ignored off flash attention
+        fa_l, _ = _loss_and_grads(
+            model,
+            PackedCollator(0, flash_attn_kwargs=True)([[records[i] for i in row] for row in rows]),
+        )
+        assert fa_l["loss"] == got_l["loss"]
     assert ref_l["num_label_tokens"] == got_l["num_label_tokens"]
     for k in ref_l:
         assert ref_l[k] > 0, k  # every term is really on
