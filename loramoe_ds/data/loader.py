@@ -125,6 +125,7 @@ def build_dataloader(
     world_size: int = 1,
     is_main: bool | None = None,
     barrier: Callable[[], None] | None = None,
+    flash_attn_kwargs: bool = False,
 ) -> StatefulLoader:
     """Builds this rank's resumable DataLoader from data files and a tokenizer.
 
@@ -139,6 +140,9 @@ def build_dataloader(
             torch.distributed, or True without it).
         barrier: Sync point between cache build and load (default:
             ``dist.barrier`` when initialised, else a no-op).
+        flash_attn_kwargs: With packing, add transformers' varlen
+            flash-attention kwargs to each batch (set it when the model runs
+            ``flash_attention_*``; see :class:`PackedCollator`).
 
     Returns:
         A :class:`StatefulLoader` yielding dicts of LongTensors ``input_ids``
@@ -161,8 +165,8 @@ def build_dataloader(
     if cfg.packing:
         sampler: ResumableDistributedSampler = packed_sampler()
         dataset: Any = PackedRows(ds)
-        collate: Callable[..., dict[str, torch.Tensor]] = PackedCollator(
-            pad_id, cfg.pad_to_multiple_of
+        collate: Callable[..., dict[str, Any]] = PackedCollator(
+            pad_id, cfg.pad_to_multiple_of, flash_attn_kwargs=flash_attn_kwargs
         )
     else:
         sampler = ResumableDistributedSampler(
