@@ -1,8 +1,9 @@
 """Every optimizer step of the warm-up moves routers and experts, through the real launcher path.
 
-Two CPU ranks (gloo, ZeRO-3, expert parallelism 2: experts live in the expert
-optimizer, routers in DeepSpeed's) built from ``configs/tiny.yaml`` by
-``make_plan`` + ``MoETrainer``, as ``launcher/train.py`` builds them. Reference:
+Built from ``configs/tiny.yaml`` by ``make_plan`` + ``MoETrainer``, as
+``launcher/train.py`` builds them, on CPU (gloo, ZeRO-3): two ranks with expert
+parallelism 2 (experts in the expert optimizer, routers in DeepSpeed's), and one
+rank with replicated experts (both in DeepSpeed's optimizer). Reference:
 the closed-form schedule, and Adam's first update, whose largest element is the
 step's learning rate (``m/sqrt(v) = g/|g|``).
 """
@@ -21,18 +22,19 @@ WARMUP, STEPS, LR = 3, 3, 1e-2
 
 
 @pytest.mark.distributed
-def test_every_warmup_step_moves_routers_and_experts(tmp_path):
+@pytest.mark.parametrize("world,ep", [(2, 2), (1, 1)])
+def test_every_warmup_step_moves_routers_and_experts(tmp_path, world, ep):
     port = free_port()
     overrides = [
         f"train.warmup_steps={WARMUP}", f"train.max_steps={STEPS}", f"train.lr={LR}",
         "train.micro_batch_size=2", "model.tiny_layers=2", "model.tiny_hidden=32",
-        "parallel.ep_size=2", "train.grad_clip=0", f"output.dir={tmp_path}",
+        f"parallel.ep_size={ep}", "train.grad_clip=0", f"output.dir={tmp_path}",
     ]  # fmt: skip
     procs = []
-    for r in range(2):
+    for r in range(world):
         env = dict(os.environ)
         env.update(
-            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
             OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
         )  # fmt: skip
@@ -40,9 +42,9 @@ def test_every_warmup_step_moves_routers_and_experts(tmp_path):
         log = open(tmp_path / f"log{r}.txt", "w")
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0], (tmp_path / "log0.txt").read_text()[-3000:]
+    assert codes == [0] * world, (tmp_path / "log0.txt").read_text()[-3000:]
     res = json.loads((tmp_path / "steps.json").read_text())
-    assert res["ep"], "the test must exercise the expert-parallel optimizer"
+    assert res["ep"] == (ep > 1)  # EP: the expert optimizer; else DeepSpeed's steps the experts
     steps = res["steps"]
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     # The closed form: linear warm-up from LR/W at step 1 to LR at step W.
