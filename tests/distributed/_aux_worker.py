@@ -1,0 +1,58 @@
+"""Worker of test_aux_scope.py (one per rank): ``_aux_worker.py ARGS OUT``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+from loramoe_ds.parallel.aux_scope import DPGather  # noqa: E402
+from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
+
+
+def main():
+    import deepspeed
+    import torch.distributed as dist
+
+    args, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for case in args["cases"]:
+        cfg = dataclasses.replace(C.adapter_cfg(case["router"]), aux_loss_scope="global_batch")
+        trainer = MoETrainer.build(
+            C.model_factory, cfg, C.ds_config(world, 3), case["ep"], seed=0,
+            init_state=C.init_state(case["router"]),
+        )  # fmt: skip
+        if trainer.model.aux_gather is None:
+            trainer.model.aux_gather = DPGather()
+        rank = dist.get_rank()
+        frozen = [(n, p) for n, p in trainer.model.base.named_parameters() if not p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen], enabled=True):
+            base = {n: p.detach().clone() for n, p in frozen}
+        o = trainer.engine(**C.batch(rank, 0, 0))
+        trainer.engine.backward(o.loss)
+        trainer.sync_expert_grads()
+        results[case["key"]] = {
+            "base": base,
+            "loss": float(o.loss),
+            "lm": float(o.lm_loss),
+            "z": float(o.z_loss),
+            "lbc": float(o.lbc_loss),
+            "lb": float(o.load_balance_loss),
+            "grads": trainer.full_adapter_grads(),
+        }
+        dist.barrier()
+    torch.save(results, out / f"result_rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
