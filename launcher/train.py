@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         plan = make_plan(run, ds_user, env.world_size, env.rank)
     except ValueError as e:  # bad input: one clear line, no traceback, before any process group
         hint = ""
-        if args.dry_run and env is not None and env.world_size == 1:
+        if args.dry_run and env is not None and env.world_size == 1 and "world size" in str(e):
             hint = (
                 " (this dry run planned for 1 process; pass --world-size N, or --nodes N "
                 "--gpus-per-node G, to plan for your cluster)"

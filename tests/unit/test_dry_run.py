@@ -70,6 +70,10 @@ def test_laptop_dry_run_without_topology_says_how(launcher, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ep_size=2 does not divide the world size 1" in err
     assert "pass --world-size N, or --nodes N --gpus-per-node G" in err
+    # Only a topology error gets the hint.
+    assert launcher.main(["--config", CONFIG, "--dry-run", "train.lr=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr='abc'" in err and "--world-size" not in err
 
 
 @pytest.mark.parametrize(
