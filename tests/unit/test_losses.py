@@ -90,3 +90,49 @@ def test_z_loss_hand_computed_masked():
     l1 = math.log(math.exp(1) + math.exp(2))
     expected = (l0**2 + l1**2) / 2
     assert math.isclose(z_loss(logits, mask).item(), expected, rel_tol=1e-6)
+
+
+def test_lbc_intended_divides_by_importance():
+    """Same hand-computed batch as above, Z = Q / I."""
+    w = torch.tensor(
+        [
+            [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.9, 0.05, 0.03, 0.02]],
+            [[0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1], [0.0, 0.5, 0.5, 0.0]],
+        ]
+    )
+    m = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    Q = [0.35, 0.45, 0.55, 0.65, 1.1, 0.9, 0.8, 0.2]
+    I = [0.9, 0.9, 1.1, 1.1, 1.1, 1.1, 0.9, 0.9]
+    Z = torch.tensor([q / i for q, i in zip(Q, I)], dtype=torch.float64)
+    expected = (Z.var() / (Z.mean() ** 2 + 1e-10)).item()
+    got = lbc_loss(w, m, torch.tensor([0, 1]), 0.1, variant="intended")
+    assert math.isclose(got.item(), expected, rel_tol=1e-5)
+
+
+def test_packed_records_give_the_rows_lbc_and_sums_add_up():
+    """Q per record from seq ids equals Q per row; load-balance sums are additive."""
+    from loramoe_ds.model.losses import (
+        lbc_from_sums,
+        load_balance_from_sums,
+        load_balance_sums,
+        record_sums,
+    )
+
+    torch.manual_seed(0)
+    w = torch.softmax(torch.randn(3, 4, 5), -1)
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    t = torch.tensor([1, 0, 1])
+    # the same tokens as one "packed" stream of 3 records
+    seg = torch.where(m.bool(), torch.arange(3)[:, None].expand(3, 4), -1).reshape(-1)
+    q = record_sums(w.reshape(12, 5), seg, 3)
+    torch.testing.assert_close(q, (w * m[..., None]).sum(1))
+    torch.testing.assert_close(
+        lbc_from_sums(q, t, 0.2, "intended"), lbc_loss(w, m, t, 0.2, "intended")
+    )
+    ex = torch.topk(w.reshape(12, 5), 2, -1).indices
+    halves = [
+        load_balance_sums(w.reshape(12, 5)[s], ex[s], m.reshape(-1)[s])
+        for s in (slice(0, 5), slice(5, 12))
+    ]
+    whole = load_balance_loss(w.reshape(12, 5), ex, m.reshape(-1))
+    torch.testing.assert_close(load_balance_from_sums(halves[0] + halves[1], 5, 2), whole)
