@@ -326,6 +326,13 @@ class LoRAMoEModel(nn.Module):
                 "lbc_beta > 0 needs the per-sample task_type (1 = world knowledge, "
                 "0 = downstream) in the batch; set lbc_beta=0 to train without the LBC"
             )
+        attn = str(getattr(getattr(self.base, "config", None), "_attn_implementation", ""))
+        if packed and attn.startswith("flash") and input_ids.shape[0] > 1:
+            # transformers finds varlen boundaries in position_ids only for one row:
+            # flatten (B, S) -> (1, B*S). A row's first label is -100 (a record's
+            # first token, or padding), so no loss crosses a row boundary.
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+            labels = None if labels is None else labels.reshape(1, -1)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if labels is not None or packed:
@@ -339,6 +346,7 @@ class LoRAMoEModel(nn.Module):
         try:
             if labels is None:
                 logits = self.base(input_ids=input_ids, attention_mask=base_mask, **kwargs).logits
+                logits = logits.reshape(*token_mask_BS.shape, -1)  # undo a varlen flattening
                 lm_loss = lm_sum = None
                 n_lab = 0
             else:
