@@ -96,9 +96,9 @@ def compare(before: dict, after: dict) -> str:
     rows = [
         f"{'metric':<28}{'before':>9}{'after':>9}{'retained':>10}",
     ]
-    for label, b, a in [
-        ("knowledge generation acc", kb["generation"]["accuracy"], ka["generation"]["accuracy"]),
+    for label, b, a in [  # the format-robust score first
         ("knowledge loglik-rank acc", kb["loglik"]["accuracy"], ka["loglik"]["accuracy"]),
+        ("knowledge generation acc", kb["generation"]["accuracy"], ka["generation"]["accuracy"]),
         (
             "knowledge per-token rank",
             kb["loglik"]["accuracy_per_token"],
@@ -124,11 +124,34 @@ def compare(before: dict, after: dict) -> str:
                 f"WARNING: {key} n differs ({before[key]['n']} vs {after[key]['n']}): "
                 "not the same records (different --limit or files)"
             )
+    rows += routing_summary(after)
     for name, r in (("before", before), ("after", after)):
         rows.append(
             f"{name}: {r.get('model')}" + (f" + {r['adapter']}" if r.get("adapter") else "")
         )
     return "\n".join(rows)
+
+
+def routing_summary(res: dict) -> list[str]:
+    """Which inputs went to which expert group: knowledge-group share by input type."""
+    u = res.get("utilisation")
+    ks = (u or {}).get("knowledge_share", {})
+    if "knowledge" not in ks or "downstream" not in ks:
+        return []
+    know, down = ks["knowledge"], ks["downstream"]
+    n = len(know)
+    lead = sum(k > d for k, d in zip(know, down))
+    adapter = res.get("adapter_config") or {}
+    variant = adapter.get("lbc_variant", "?")
+    beta = adapter.get("lbc_beta")
+    head = f"routing (lbc_variant={variant}, lbc_beta={beta}): " if adapter else "routing: "
+    return [
+        head + f"router weight on the world-knowledge expert group, mean over {n} layers: "
+        f"knowledge inputs {sum(know) / n:.3f}, downstream inputs {sum(down) / n:.3f}",
+        f"  knowledge inputs lean more on the knowledge experts than downstream inputs in "
+        f"{lead} of {n} layers (largest gap {max(k - d for k, d in zip(know, down)):+.3f}, "
+        f"smallest {min(k - d for k, d in zip(know, down)):+.3f})",
+    ]
 
 
 def main(argv=None) -> int:
@@ -164,6 +187,8 @@ def main(argv=None) -> int:
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "host": platform.node(),
     }
+    if hasattr(model, "cfg"):  # an adapter model: record what was trained
+        res["adapter_config"] = model.cfg.to_dict()
     res.update(
         evaluate_all(
             model,
