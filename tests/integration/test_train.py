@@ -261,3 +261,35 @@ def test_bad_record_fails_before_the_model_loads(tmp_path):
     assert f"{bad}:3" in errors[0] and "'output'" in errors[0], errors[0]
     assert "Traceback" not in p.stderr
     assert not (out / "metrics.csv").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+def test_packed_checkpointed_token_mean_run(tmp_path):
+    """2 ranks (EP 2, ZeRO-3), packed rows, activation checkpointing, GAS 2: it trains,
+    and metrics.csv logs the step's token-mean LM loss and its padding fraction."""
+    out = tmp_path / "packed"
+    extra = ["data.packing=true", "train.activation_checkpointing=true", "train.grad_accum=2"]
+    _deepspeed(out, 29661, extra=extra, steps=3)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert torch.isfinite(torch.tensor(float(r["lm_loss"])))
+        assert float(r["label_tokens"]) > 0 and 0 <= float(r["pad_frac"]) < 0.5
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_packed_smollm2_config_plans_for_two_ranks():
+    """configs/smollm2_packed.yaml: packing, activation checkpointing, token mean; EP 2 on 2."""
+    from loramoe_ds.run_config import load_run_config
+
+    run = load_run_config(ROOT / "configs" / "smollm2_packed.yaml")
+    assert run.data.packing and run.train.activation_checkpointing
+    assert run.train.loss_reduction == "token_mean" and run.train.grad_accum > 1
+    p = subprocess.run(
+        [sys.executable, TRAIN, "--config", str(ROOT / "configs" / "smollm2_packed.yaml"),
+         "--dry-run", "--world-size", "2"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "EP groups  [[0, 1]]" in p.stdout and "grad_accum 2 x DP 2" in p.stdout
