@@ -97,10 +97,11 @@ def main(argv=None) -> int:
         ds_user = load_ds_config(args.ds_config)
         if topology is not None:  # a dry run for the cluster you will use: no process group
             handler.uninstall()
-            print(make_plan(run, ds_user, topology[0], 0, gpus_per_node=topology[1]).describe())
+            plan = make_plan(run, ds_user, topology[0], 0, topology[1], resume=args.resume)
+            print(plan.describe())
             return 0
         env = setup_dist_env()
-        plan = make_plan(run, ds_user, env.world_size, env.rank)
+        plan = make_plan(run, ds_user, env.world_size, env.rank, resume=args.resume)
     except ValueError as e:  # bad input: one clear line, no traceback, before any process group
         hint = ""
         if args.dry_run and env is not None and env.world_size == 1 and "world size" in str(e):

@@ -170,6 +170,7 @@ def make_plan(
     world_size: int,
     rank: int,
     gpus_per_node: int | None = None,
+    resume: str | None = None,
 ) -> Plan:
     """Validate everything that needs no process group.
 
@@ -183,10 +184,14 @@ def make_plan(
         world_size: Ranks of the job (or of the planned job, for a dry run).
         rank: This process's rank.
         gpus_per_node: Ranks per node of a planned topology (dry run), if known.
+        resume: The launcher's ``--resume`` (``auto``, ``none`` or a checkpoint
+            directory): a checkpoint this topology and config cannot continue is
+            refused here, naming both topologies (:func:`check_resume_plan`).
 
     Raises:
-        ValueError: Config / DeepSpeed JSON disagreement, or an ``ep_size`` that
-            does not divide the world size or some layer's expert count.
+        ValueError: Config / DeepSpeed JSON disagreement, an ``ep_size`` that
+            does not divide the world size or some layer's expert count, or a
+            checkpoint to resume that this run cannot continue.
     """
     import sys
 
@@ -206,6 +211,8 @@ def make_plan(
     hf_config, model_dir = _hf_config(run)
     n_layers = hf_config.num_hidden_layers
     counts = run.adapter.layer_experts(n_layers)
+    if resume not in (None, "none"):
+        check_resume_plan(run, ds, world_size, counts, hf_config, resume)
     validate_ep(run.parallel.ep_size, world_size, counts)
     plan = Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_config, gpus_per_node)
     plan.param_counts = count_parameters(plan)
@@ -221,6 +228,33 @@ def make_plan(
             flush=True,
         )
     return plan
+
+
+def checkpoint_source(run: RunConfig, resume: str) -> Path:
+    """Where ``--resume`` looks: ``output.dir/checkpoints`` for ``auto``, else the directory."""
+    return Path(run.output.dir) / "checkpoints" if resume == "auto" else Path(resume)
+
+
+def check_resume_plan(run, ds, world_size, counts, hf_config, resume: str) -> None:
+    """Refuse, before any heavy work, a checkpoint this run cannot continue.
+
+    Reads only the checkpoint's JSON (:func:`loramoe_ds.parallel.checkpoint.check_resume`);
+    nothing to resume (``auto`` without ``latest``) passes.
+    """
+    from loramoe_ds.parallel.checkpoint import base_identity, check_resume
+
+    now = {
+        "world_size": world_size,
+        "ep_size": run.parallel.ep_size,
+        "experts_per_layer": counts,
+        "adapter": run.adapter.to_dict(),
+        "base": base_identity(hf_config),
+        "train_batch_size": int(ds["train_batch_size"]),
+    }
+    src = checkpoint_source(run, resume)
+    if resume != "auto" and not src.is_dir():
+        raise ValueError(f"--resume {resume}: no such checkpoint directory")
+    check_resume(src, now)
 
 
 def model_factory(plan: Plan):
@@ -415,12 +449,13 @@ def train(
         world_size=world,
         is_main=is_main,
         barrier=dist.barrier,
+        global_batch=int(plan.ds_config["train_batch_size"]),
     )
     if is_main:
         print(f"[data] {loader.stats}", flush=True)
     resumed_from = None
     if resume != "none":
-        src = ckpt_dir if resume == "auto" else Path(resume)
+        src = checkpoint_source(run, resume)
         if resume != "auto" or latest_tag(src) is not None:
             client = trainer.load(src)
             if client is not None:

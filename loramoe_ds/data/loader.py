@@ -106,8 +106,11 @@ class StatefulLoader:
         self._position = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Sampler state with ``position`` = samples (or packed rows) in batches consumed so far."""
-        return {**self.sampler.state_dict(), "position": self._position}
+        """Sampler state with ``position`` = samples (or packed rows) in batches consumed so far
+        by this rank, ``global_position`` = by all ranks (the sampler runs ahead when the
+        DataLoader prefetches)."""
+        return {**self.sampler.state_dict(), "position": self._position,
+                "global_position": self._position * self.sampler.world}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resumes at the saved epoch and position (next ``iter`` continues there)."""
@@ -126,6 +129,7 @@ def build_dataloader(
     is_main: bool | None = None,
     barrier: Callable[[], None] | None = None,
     flash_attn_kwargs: bool = False,
+    global_batch: int | None = None,
 ) -> StatefulLoader:
     """Builds this rank's resumable DataLoader from data files and a tokenizer.
 
@@ -143,6 +147,9 @@ def build_dataloader(
         flash_attn_kwargs: With packing, add transformers' varlen
             flash-attention kwargs to each batch (set it when the model runs
             ``flash_attention_*``; see :class:`PackedCollator`).
+        global_batch: Samples (rows with packing) per optimizer step over all
+            ranks; each epoch is then whole steps and the data of every step is
+            the same at any world size (:mod:`loramoe_ds.data.sampler`).
 
     Returns:
         A :class:`StatefulLoader` yielding dicts of LongTensors ``input_ids``
@@ -159,8 +166,9 @@ def build_dataloader(
 
     def packed_sampler() -> PackedDistributedSampler:
         return PackedDistributedSampler(
-            record_lengths(ds), cfg.max_length, world_size, rank, seed=cfg.seed, shuffle=cfg.shuffle
-        )
+            record_lengths(ds), cfg.max_length, world_size, rank, seed=cfg.seed,
+            shuffle=cfg.shuffle, global_batch=global_batch,
+        )  # fmt: skip
 
     if cfg.packing:
         sampler: ResumableDistributedSampler = packed_sampler()
@@ -170,7 +178,12 @@ def build_dataloader(
         )
     else:
         sampler = ResumableDistributedSampler(
-            len(ds), num_replicas=world_size, rank=rank, seed=cfg.seed, shuffle=cfg.shuffle
+            len(ds),
+            num_replicas=world_size,
+            rank=rank,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            global_batch=global_batch,
         )
         dataset, collate = ds, Collator(pad_id, cfg.pad_to_multiple_of)
     loader = StatefulLoader(dataset, sampler, batch_size, collate, num_workers=cfg.num_workers)

@@ -6,11 +6,23 @@ rank gets exactly M indices, so all ranks run the same number of steps). The
 state is ``(epoch, position)``: resuming from it replays exactly the remaining
 indices an uninterrupted run would have produced on that rank.
 
+Topology independence. Rank ``r``'s micro-batch ``k`` (B samples) holds
+``perm[W*B*k + r :: W]`` up to ``W*B*(k+1)``, so the W micro-batches of one
+micro-step are the contiguous block ``perm[W*B*k : W*B*(k+1)]`` and optimizer
+step ``g`` (GAS micro-steps, global batch ``GB = W*B*GAS``) consumes exactly
+``perm[g*GB : (g+1)*GB]``, whatever W, B and GAS are. With ``global_batch=GB``
+an epoch ends after ``N // GB`` whole steps (``M = (N // GB) * GB / W``), so no
+step spans two epochs and the epochs are the same at every topology with that
+global batch. The position is also kept as the *global* index
+``global_position = position * W`` (samples of the epoch consumed by all
+ranks): a state saved at ``W1`` loads at ``W2`` when ``W2`` divides it
+(always, at an optimizer-step boundary with the same global batch).
+
 :class:`PackedDistributedSampler` does the same over *rows* of packed records:
 the epoch's permutation of records is packed first-fit-decreasing into
 ``max_length`` rows (:mod:`loramoe_ds.data.packing`), the rows are shuffled with
 the same generator, and rank ``r`` takes rows ``r::W`` (``len(rows) // W``
-each). Its position counts rows.
+each). Its position counts rows; the topology independence above holds for rows.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ class ResumableDistributedSampler(Sampler):
         shuffle: If False, indices are taken in order.
         drop_last: If True, drop the ``N % W`` tail so ranks get equal counts;
             if False, pad by wrapping around (some samples seen twice).
+        global_batch: Samples per optimizer step over all ranks (``W * B * GAS``);
+            each epoch is then ``N // global_batch`` whole steps (module docstring).
     """
 
     def __init__(
@@ -47,6 +61,7 @@ class ResumableDistributedSampler(Sampler):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        global_batch: int | None = None,
     ) -> None:
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
@@ -56,6 +71,14 @@ class ResumableDistributedSampler(Sampler):
             raise ValueError(
                 f"dataset has {num_samples_total} samples, fewer than {num_replicas} ranks"
             )
+        if global_batch is not None and (global_batch < 1 or global_batch % num_replicas):
+            raise ValueError(
+                f"global_batch={global_batch}: must be a positive multiple of num_replicas="
+                f"{num_replicas}"
+            )
+        if global_batch is not None and not drop_last:
+            raise ValueError("global_batch needs drop_last=True")
+        self.global_batch = global_batch
         self.n = num_samples_total
         self.world = num_replicas
         self.rank = rank
@@ -73,7 +96,13 @@ class ResumableDistributedSampler(Sampler):
 
     def per_rank_in(self, epoch: int) -> int:
         """Indices each rank gets in ``epoch`` (the same for every epoch here)."""
-        return self.n // self.world if self.drop_last else -(-self.n // self.world)
+        return self._per_rank_of(self.n)
+
+    def _per_rank_of(self, total: int) -> int:
+        """Items per rank of an epoch of ``total`` items (whole global batches if set)."""
+        if self.global_batch is not None:
+            return total // self.global_batch * (self.global_batch // self.world)
+        return total // self.world if self.drop_last else -(-total // self.world)
 
     def _permutation(self, epoch: int, g: torch.Generator | None = None) -> list[int]:
         """The epoch's global order of ``range(N)``."""
@@ -106,30 +135,37 @@ class ResumableDistributedSampler(Sampler):
             yield i
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "position", "seed", "num_samples_total", "num_replicas"}``."""
+        """``{"epoch", "position", "global_position", "seed", "num_samples_total",
+        "num_replicas", "global_batch"}``."""
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "global_position": self.position * self.world,
             "seed": self.seed,
             "num_samples_total": self.n,
             "num_replicas": self.world,
+            "global_batch": self.global_batch,
         }
 
     def _identity(self) -> dict[str, Any]:
         """State entries that must match for a resume to reproduce the order."""
         return {
             "num_samples_total": self.n,
-            "num_replicas": self.world,
             "seed": self.seed,
             "packed": False,
+            "global_batch": self.global_batch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores epoch and position; the next iteration continues from there.
 
+        The state may come from another world size: this rank continues at
+        ``global_position / W`` (module docstring).
+
         Raises:
-            ValueError: If the dataset length, world size or seed differ from
-                the checkpoint (the order would not be reproduced).
+            ValueError: If the dataset length, seed or global batch differ from
+                the checkpoint (the order would not be reproduced), or the global
+                position cannot be split evenly over this run's ranks.
         """
         for key, mine in self._identity().items():
             theirs = state.get(key, False if key == "packed" else mine)
@@ -138,7 +174,16 @@ class ResumableDistributedSampler(Sampler):
                     f"sampler state has {key}={theirs} but this run has {mine}; "
                     "resuming would not reproduce the data order"
                 )
-        epoch, position = int(state["epoch"]), int(state["position"])
+        epoch = int(state["epoch"])
+        saved_world = int(state.get("num_replicas", self.world))
+        consumed = int(state.get("global_position", int(state["position"]) * saved_world))
+        if consumed % self.world:
+            raise ValueError(
+                f"sampler state: {consumed} items of epoch {epoch} consumed by {saved_world} "
+                f"ranks cannot be split evenly over {self.world} ranks; resume at a step "
+                "boundary with the same global batch"
+            )
+        position = consumed // self.world
         per_rank = self.per_rank_in(epoch)
         if not 0 <= position <= per_rank:
             raise ValueError(f"sampler state position {position} not in [0, {per_rank}]")
@@ -166,6 +211,7 @@ class PackedDistributedSampler(ResumableDistributedSampler):
         seed: Base seed.
         shuffle: If False, records are packed in index order and rows not shuffled.
         window: Records per first-fit-decreasing window.
+        global_batch: Rows per optimizer step over all ranks (each epoch whole steps).
     """
 
     def __init__(
@@ -177,9 +223,11 @@ class PackedDistributedSampler(ResumableDistributedSampler):
         seed: int = 0,
         shuffle: bool = True,
         window: int = PACK_WINDOW,
+        global_batch: int | None = None,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
-        super().__init__(len(self.lengths), num_replicas, rank, seed, shuffle, drop_last=True)
+        super().__init__(len(self.lengths), num_replicas, rank, seed, shuffle, drop_last=True,
+                         global_batch=global_batch)  # fmt: skip
         self.max_length = int(max_length)
         self.window = int(window)
         self._cache: tuple[int, list[list[int]]] | None = None
@@ -209,7 +257,7 @@ class PackedDistributedSampler(ResumableDistributedSampler):
 
     def per_rank_in(self, epoch: int) -> int:
         """Rows each rank gets in ``epoch``."""
-        return len(self.rows(epoch)) // self.world
+        return self._per_rank_of(len(self.rows(epoch)))
 
     def indices(self, epoch: int) -> list[list[int]]:
         """This rank's rows for ``epoch``, in order."""

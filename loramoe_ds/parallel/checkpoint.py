@@ -1,38 +1,46 @@
-"""Atomic, resumable checkpoints of an expert-parallel run, and the adapter export.
+"""Adapter state in one place: gathering, checkpoint layout, resume at any topology, tags, export.
 
-Layout of ``<dir>`` (one sub-directory per tag, ``latest`` names the last good one)::
+A checkpoint holds the *full* adapter training state, independent of world size
+W and ``ep_size`` P, written once by rank 0 (``io.atomic_dir``)::
 
-    <dir>/latest                                   # text: the tag; replaced last, atomically
-    <dir>/<tag>/                                   # e.g. global_step120
-        ...DeepSpeed files...                      # engine.save_checkpoint(exclude_frozen_...):
-                                                   #   routers (+ replicated banks), their
-                                                   #   optimizer, LR scheduler, counters
-        layer_{L}_expert_{E}_mp_rank_00_model_states.pt   # EP mode: one expert's lora_A/lora_B
-        expert_optim_rank_{r:05d}.pt               # EP mode: this rank's expert AdamW state
-        trainer_state_rank_{r:05d}.pt              # client state, RNG (python/numpy/torch), step
-        loramoe_meta.json                          # world size, ep_size, experts per layer
+    <dir>/latest                       # text: the newest complete tag (io.atomic_write_text)
+    <dir>/global_step{N}/              # one tag per saved optimizer step N
+        adapter_model.safetensors      # routers + every expert's lora_A/lora_B, fp32, unsharded
+        adapter_config.json            #   (the export format: load_adapter reads this pair)
+        optimizer.pt                   # Adam state per adapter tensor, unsharded:
+                                       #   {"step": {name: int}, "exp_avg": {name: T},
+                                       #    "exp_avg_sq": {name: T}}  (None before the 1st step)
+        trainer_state.pt               # engine counters, LR schedule + LR, client state
+                                       #   (data position), RNG of every rank
+        loramoe_meta.json              # format, topology, global batch, allocation,
+                                       #   adapter config, base-model identity
 
-Naming follows DeepSpeed's MoE checkpoints: ``L`` is the running index of the
-adapted linear in ``model.moe_layers()`` order (module order; *not* the decoder
-layer index -- a decoder layer has several adapted linears), ``E`` is the
-global expert id ``ep_rank * (E_layer/ep_size) + i``. Expert files are written
-by the ranks with EDP rank 0 only (ranks ``0..ep_size-1``); optimizer and
-trainer state by every rank.
+Names are those of :meth:`LoRAMoEModel.adapter_named_parameters` of the unsharded
+model (``<linear>.router.weight``, ``<linear>.experts.lora_A`` ``E x R x D``,
+``.lora_B`` ``E x R x O``). Saving gathers: routers (and, with P = 1, the
+banks) from DeepSpeed's partitioned fp32 master weights and Adam moments
+(``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, collectives);
+expert shards and their expert-AdamW moments by an all-gather over the EP group
+(global expert ``ep_rank * L + i``, ``L = E / P``). Loading slices what this rank
+owns under the *new* topology: ZeRO parameters through the same DeepSpeed
+accessors (then the working low-precision copy is refreshed), EP shards as
+global experts ``[ep_rank * L, (ep_rank + 1) * L)``. Both are exact copies, so a
+resume at the same topology continues bit for bit, and one at another topology
+continues the same optimisation (same data per step when the global batch is
+the same; see :mod:`loramoe_ds.data.sampler`).
 
-Atomicity: every rank writes into ``<dir>/.staging-<tag>/state``; after a
-barrier rank 0 renames it to ``<dir>/<tag>`` (an older ``<tag>`` is moved aside
-first and deleted after) and only then replaces ``latest`` (write temp file,
-``os.replace``), then a final barrier. A crash anywhere before the rename leaves
-``latest`` and its tag untouched; stale staging directories are removed by the
-next save. All ranks must see one shared file system (multi-node: a shared
-mount).
+What may change between save and resume: W, P (dividing W and every layer's
+expert count), nodes, micro-batch and gradient accumulation as long as the
+global batch ``train_batch_size`` is the same. What may not: the adapter
+config, the base model, the global batch. :func:`check_compatible` refuses
+those naming both topologies; ``make_plan`` runs it before any heavy work.
+Dropout RNG streams are per rank: they are restored at the same world size only.
 
-Resume needs the same world size and ``ep_size`` (optimizer state is per rank).
-
-Export: :func:`export_adapter` gathers routers (ZeRO fp32 master weights) and
-all experts over EP into the unsharded names and writes the safetensors adapter
-of :meth:`~loramoe_ds.model.inject.LoRAMoEModel.save_adapter`;
-:func:`~loramoe_ds.model.inject.load_adapter` loads it without DeepSpeed.
+Atomicity: rank 0 writes everything into a temporary sibling directory and
+renames it to ``global_step{N}`` (:func:`loramoe_ds.io.atomic_dir`), then
+replaces ``latest``. A crash before the rename leaves ``latest`` and its tag
+untouched; the next save removes the stale temporary directory. All ranks must
+see one file system (they all read the checkpoint on load).
 """
 
 from __future__ import annotations
@@ -43,34 +51,404 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from loramoe_ds.io import _fsync_tree, atomic_write_text
-
-if TYPE_CHECKING:
-    from loramoe_ds.parallel.engine import MoETrainer
+from loramoe_ds.io import atomic_dir, atomic_write_text
+from loramoe_ds.model.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 LATEST = "latest"
 META = "loramoe_meta.json"
-STAGING_PREFIX = ".staging-"
+OPTIMIZER = "optimizer.pt"
+TRAINER_STATE = "trainer_state.pt"
+TAG_PREFIX = "global_step"
+CHECKPOINT_FORMAT = 2
+"""Version 2: full, topology-independent state (1 was DeepSpeed's per-rank files)."""
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+BASE_IDENTITY_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 # Test hook: when set to a path, rank 0 creates that file once everything is
-# written to staging and then hangs (so a test can kill the job mid-save).
+# written to the temporary directory and then hangs (a test kills the job mid-save).
 HANG_IN_SAVE_ENV = "LORAMOE_TEST_HANG_IN_SAVE"
 
 
-def expert_file(layer_idx: int, expert_id: int) -> str:
-    """DeepSpeed MoE naming of one expert's weights."""
-    return f"layer_{layer_idx}_expert_{expert_id}_mp_rank_00_model_states.pt"
+# -- tags and pruning ----------------------------------------------------------
+def tag_name(step: int) -> str:
+    """The tag of the checkpoint after optimizer step ``step``."""
+    return f"{TAG_PREFIX}{step}"
 
 
-def _rank_file(kind: str, rank: int) -> str:
-    return f"{kind}_rank_{rank:05d}.pt"
+def latest_tag(directory: str | Path) -> str | None:
+    """The tag named by ``<directory>/latest``, or ``None``."""
+    f = Path(directory) / LATEST
+    return f.read_text().strip() if f.is_file() else None
 
 
+def checkpoint_tags(directory: str | Path) -> list[Path]:
+    """Tag directories under ``directory``, oldest step first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    tags = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)]
+    return sorted(tags, key=lambda p: int("".join(c for c in p.name if c.isdigit()) or 0))
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` tags (``keep <= 0``: keep all); returns the removed."""
+    if keep <= 0:
+        return []
+    removed = checkpoint_tags(directory)[:-keep]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+# -- gathering -----------------------------------------------------------------
+def gather_adapter(model, groups, full, local) -> dict[str, torch.Tensor]:
+    """Walk every adapted linear and return unsharded tensors (collective).
+
+    Args:
+        model: The injected model.
+        groups: The EP/EDP groups.
+        full: ``param -> full CPU tensor`` for engine (ZeRO) parameters.
+        local: ``param -> local tensor`` for an EP shard; shards are all-gathered
+            over the EP group (global expert id = ep_rank * local + i).
+
+    Returns:
+        ``{name: tensor}`` in the naming of ``LoRAMoEModel.adapter_named_parameters``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for layer in model.moe_layers():
+        out[f"{layer.name}.router.weight"] = full(layer.router.weight)
+        if layer.experts is not None:
+            out[f"{layer.name}.experts.lora_A"] = full(layer.experts.lora_A)
+            out[f"{layer.name}.experts.lora_B"] = full(layer.experts.lora_B)
+            continue
+        for pname in ("lora_A", "lora_B"):
+            shard = local(getattr(layer.dispatcher.bank, pname))
+            parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
+            dist.all_gather(parts, shard, group=groups.ep_group)
+            out[f"{layer.name}.experts.{pname}"] = torch.cat(parts).cpu()
+    return out
+
+
+def load_full_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy a full adapter state into an injected, not yet sharded model."""
+    params = dict(model.adapter_named_parameters())
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"init_state: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if tuple(p.shape) != tuple(state[n].shape):
+                raise ValueError(
+                    f"init_state: {n} has shape {tuple(state[n].shape)}, model {p.shape}"
+                )
+            p.copy_(state[n].to(p.dtype))
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu().clone()
+
+
+def full_adapter_state(trainer) -> dict[str, torch.Tensor]:
+    """All routers and experts, unsharded, fp32 master weights, CPU (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    def full(p):
+        v = safe_get_full_fp32_param(p)
+        return _cpu(p if v is None else v)
+
+    return gather_adapter(trainer.model, trainer.groups, full, lambda p: p.detach().float())
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    from loramoe_ds.lr_schedule import _torch_optimizer
+
+    return _torch_optimizer(engine.optimizer)
+
+
+def _hp_tensors(engine) -> list[torch.Tensor]:
+    """The fp32 tensors the engine's torch optimizer steps (ZeRO flat partitions or params)."""
+    opt = engine.optimizer
+    for attr in (
+        "fp32_partitioned_groups_flat",
+        "single_partition_of_fp32_groups",
+        "fp32_groups_flat_partition",
+    ):  # fmt: skip  ZeRO-3, ZeRO-1/2, bf16
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    return [p for g in _inner_optimizer(engine).param_groups for p in g["params"]]
+
+
+def _adam_step(optimizer: torch.optim.Optimizer | None) -> int | None:
+    if optimizer is None:
+        return None
+    for st in optimizer.state.values():
+        if "step" in st:
+            return int(float(st["step"]))
+    return None
+
+
+def full_optimizer_state(trainer) -> dict[str, Any] | None:
+    """Adam step and moments of every adapter tensor, unsharded, CPU (collective).
+
+    Returns ``None`` before the first optimizer step (no Adam state exists yet).
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    inner = _inner_optimizer(trainer.engine)
+    step_e, step_x = _adam_step(inner), _adam_step(trainer.expert_optimizer)
+    if step_e is None:
+        return None
+    out: dict[str, Any] = {}
+    for key in ADAM_KEYS:
+
+        def full(p, key=key):
+            v = safe_get_full_optimizer_state(p, key)
+            return _cpu(inner.state[p][key] if v is None else v)
+
+        def local(p, key=key):
+            return trainer.expert_optimizer.state[p][key].detach().float()
+
+        out[key] = gather_adapter(trainer.model, trainer.groups, full, local)
+    engine_names = set(_engine_params(trainer))
+    out["step"] = {n: step_e if n in engine_names else step_x for n in out["exp_avg"]}
+    return out
+
+
+def _engine_params(trainer) -> dict[str, torch.nn.Parameter]:
+    """Adapter tensors held by the DeepSpeed engine: routers, and the banks when P = 1."""
+    out = {}
+    for layer in trainer.model.moe_layers():
+        out[f"{layer.name}.router.weight"] = layer.router.weight
+        if layer.experts is not None:
+            out[f"{layer.name}.experts.lora_A"] = layer.experts.lora_A
+            out[f"{layer.name}.experts.lora_B"] = layer.experts.lora_B
+    return out
+
+
+def _local_shards(trainer) -> dict[str, tuple[torch.nn.Parameter, int, int]]:
+    """EP shards: ``name -> (param, first global expert, local count)``."""
+    out = {}
+    for layer in trainer.model.moe_layers():
+        d = layer.dispatcher
+        if layer.experts is None and d is not None:
+            for pname in ("lora_A", "lora_B"):
+                out[f"{layer.name}.experts.{pname}"] = (
+                    getattr(d.bank, pname),
+                    d.first_expert,
+                    d.num_local,
+                )
+    return out
+
+
+# -- writing ZeRO / engine state -------------------------------------------------
+def _set_engine_tensor(engine, p: torch.nn.Parameter, value: torch.Tensor, key: str | None):
+    """Set the fp32 master weight (``key=None``) or an Adam moment of one engine parameter."""
+    opt = engine.optimizer
+    value = value.to(torch.float32)
+    if hasattr(p, "ds_id"):  # ZeRO-3: write this rank's slice (tolerates padded partitions)
+        frag, _ = opt._get_fp32_opt_state_partition(
+            p, release_swap_buffers=False, optim_state_key=key
+        )
+        n = frag.numel()
+        flat = value.flatten()
+        lo = n * opt._get_param_partition_rank(p)
+        piece = flat[lo : min(lo + n, flat.numel())]
+        frag.data.zero_()
+        frag.data[: piece.numel()].copy_(piece.to(frag.device))
+    elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if key is None:
+            p.set_full_hp_param(value.to(p.device))
+        else:
+            safe_set_full_optimizer_state(p, value.to(p.device), key)
+    elif hasattr(p, "_hp_mapping"):  # a partition owning no fragment of p
+        return
+    elif key is None:
+        with torch.no_grad():
+            p.data.copy_(value.to(p.device, p.dtype))
+    else:
+        _inner_optimizer(engine).state[p][key].copy_(value.to(p.device))
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer, tensors, step: int) -> None:
+    """Create torch AdamW state (zero moments, ``step``) for ``tensors`` of ``optimizer``."""
+    for g in optimizer.param_groups:
+        on_device = g.get("capturable", False) or g.get("fused", False)
+        break
+    for t in tensors:
+        st = optimizer.state[t]
+        st["step"] = torch.tensor(
+            float(step), dtype=torch.float32, device=t.device if on_device else "cpu"
+        )
+        for k in ADAM_KEYS:
+            if k not in st:
+                st[k] = torch.zeros_like(t, memory_format=torch.preserve_format)
+
+
+def _refresh_low_precision(engine) -> None:
+    """Copy the fp32 master weights into the working copies the forward reads."""
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for i in range(len(opt.fp32_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+        if opt.persistent_parameters:
+            opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+    elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16 optimizer
+        opt.update_lp_params()
+
+
+def _load_engine_state(trainer, params, optim) -> None:
+    engine = trainer.engine
+    named = _engine_params(trainer)
+    for n, p in named.items():
+        _set_engine_tensor(engine, p, params[n], None)
+    if optim is not None:
+        steps = {optim["step"][n] for n in named}
+        if len(steps) != 1:
+            raise ValueError(f"checkpoint: engine tensors have different Adam steps {steps}")
+        _init_adam_state(_inner_optimizer(engine), _hp_tensors(engine), steps.pop())
+        if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+        for key in ADAM_KEYS:
+            for n, p in named.items():
+                _set_engine_tensor(engine, p, optim[key][n], key)
+    _refresh_low_precision(engine)
+
+
+def _load_expert_state(trainer, params, optim) -> None:
+    opt = trainer.expert_optimizer
+    with torch.no_grad():
+        for n, (p, lo, L) in _local_shards(trainer).items():
+            p.copy_(params[n][lo : lo + L].to(p.device, p.dtype))
+            if optim is not None:
+                _init_adam_state(opt, [p], optim["step"][n])
+                for key in ADAM_KEYS:
+                    opt.state[p][key].copy_(optim[key][n][lo : lo + L].to(p.device))
+
+
+# -- compatibility ---------------------------------------------------------------
+def base_identity(hf_config) -> dict[str, Any]:
+    """What identifies the base model: architecture sizes and the model directory's name."""
+    ident = {k: getattr(hf_config, k, None) for k in BASE_IDENTITY_KEYS}
+    ident["name"] = Path(str(getattr(hf_config, "_name_or_path", "") or "")).name
+    return ident
+
+
+def _describe(meta: dict) -> str:
+    return f"world size {meta['world_size']}, ep_size {meta['ep_size']}"
+
+
+def check_compatible(meta: dict, now: dict, where: str | Path) -> None:
+    """Refuse a resume that cannot continue the saved run; name both topologies.
+
+    Args:
+        meta: The checkpoint's ``loramoe_meta.json``.
+        now: This run's ``world_size``, ``ep_size``, ``experts_per_layer``,
+            ``adapter`` (``AdapterConfig.to_dict()``), ``base``
+            (:func:`base_identity`) and ``train_batch_size``.
+        where: The checkpoint (for the message).
+
+    Raises:
+        ValueError: Unknown format, a different adapter config, allocation, base
+            model or global batch, or an ``ep_size`` that does not divide the
+            world size or some layer's expert count.
+    """
+    now = json.loads(json.dumps(now))  # tuples -> lists, as in the saved JSON
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{where}: checkpoint format {meta.get('format')!r}, this version reads "
+            f"{CHECKPOINT_FORMAT} (written by another loramoe-ds version)"
+        )
+    head = f"cannot resume {where} (saved at {_describe(meta)}) on {_describe(now)}: "
+    if meta["adapter"] != now["adapter"]:
+        diff = sorted(
+            k
+            for k in set(meta["adapter"]) | set(now["adapter"])
+            if meta["adapter"].get(k) != now["adapter"].get(k)
+        )
+        pairs = ", ".join(
+            f"{k} saved {meta['adapter'].get(k)!r} now {now['adapter'].get(k)!r}" for k in diff
+        )
+        raise ValueError(head + f"the adapter config differs ({pairs})")
+    if meta["experts_per_layer"] != now["experts_per_layer"]:
+        raise ValueError(
+            head + f"experts per layer saved {meta['experts_per_layer']}, now "
+            f"{now['experts_per_layer']}"
+        )
+    if meta["base"] != now["base"]:
+        diff = [
+            f"{k} saved {meta['base'].get(k)!r} now {now['base'].get(k)!r}"
+            for k in sorted(meta["base"])
+            if meta["base"].get(k) != now["base"].get(k)
+        ]
+        raise ValueError(head + f"a different base model ({', '.join(diff)})")
+    W, P = now["world_size"], now["ep_size"]
+    if W % P:
+        raise ValueError(head + f"ep_size {P} does not divide the world size {W}")
+    for layer, n in enumerate(now["experts_per_layer"]):
+        if n % P:
+            raise ValueError(
+                head + f"ep_size {P} does not divide layer {layer}'s {n} experts (choose an "
+                "ep_size dividing every layer's expert count)"
+            )
+    if meta["train_batch_size"] != now["train_batch_size"]:
+        raise ValueError(
+            head + f"global batch (train_batch_size) saved {meta['train_batch_size']}, now "
+            f"{now['train_batch_size']}; keep micro-batch x grad_accum x world size equal"
+        )
+
+
+def read_meta(ckpt: Path) -> dict:
+    f = ckpt / META
+    if not f.is_file():
+        raise ValueError(f"{ckpt} is not a loramoe-ds checkpoint (no {META})")
+    return json.loads(f.read_text())
+
+
+def check_resume(directory: str | Path, now: dict, tag: str | None = None) -> dict | None:
+    """:func:`check_compatible` on ``<directory>/<tag or latest>`` (reads JSON only).
+
+    Returns:
+        The checkpoint's meta, or ``None`` when there is nothing to resume.
+    """
+    root = Path(directory)
+    tag = tag or latest_tag(root)
+    if tag is None:
+        return None
+    meta = read_meta(root / tag)
+    check_compatible(meta, now, root / tag)
+    return meta
+
+
+def _current(trainer) -> dict:
+    g, e = trainer.groups, trainer.engine
+    return {
+        "world_size": g.world_size,
+        "ep_size": g.ep_size,
+        "experts_per_layer": trainer.model.experts_per_layer,
+        "adapter": trainer.model.cfg.to_dict(),
+        "base": base_identity(getattr(trainer.model.base, "config", None)),
+        "train_batch_size": int(e.train_batch_size()),
+    }
+
+
+# -- save / load -----------------------------------------------------------------
 def _rng_state() -> dict:
     state = {
         "python": random.getstate(),
@@ -95,182 +473,129 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(trainer: MoETrainer, directory: str | Path, client_state: dict | None) -> Path:
-    """Write a resumable checkpoint atomically (collective: every rank calls it).
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def save_checkpoint(trainer, directory: str | Path, client_state: dict | None) -> Path:
+    """Write a topology-independent checkpoint atomically (collective: every rank calls it).
 
     Args:
-        trainer: The trainer.
+        trainer: The :class:`~loramoe_ds.parallel.engine.MoETrainer`.
         directory: Checkpoint root.
-        client_state: Picklable per-rank state to hand back on load (data
-            position, ...).
+        client_state: Picklable state handed back on load (rank 0's is kept, so it
+            must be the same on every rank, e.g. the loader's global data position).
 
     Returns:
-        ``<directory>/<tag>`` with ``tag = global_step{N}``.
+        ``<directory>/global_step{N}``.
     """
-    root = Path(directory)
-    rank = trainer.groups.rank
-    tag = f"global_step{trainer.global_step}"
-    staging = root / f"{STAGING_PREFIX}{tag}"
+    from safetensors.torch import save_file
+
+    root, rank, e = Path(directory), trainer.groups.rank, trainer.engine
+    tag = tag_name(trainer.global_step)
+    params = full_adapter_state(trainer)
+    optim = full_optimizer_state(trainer)
+    rngs = [None] * _world()
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    err = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{STAGING_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
-    trainer.engine.save_checkpoint(
-        str(staging),
-        tag="state",
-        client_state={"loramoe_tag": tag},
-        save_latest=False,
-        exclude_frozen_parameters=True,
-    )
-    out = staging / "state"
-    out.mkdir(parents=True, exist_ok=True)
-    g = trainer.groups
-    if trainer.expert_parallel and g.edp_rank == 0:
-        for L, layer in enumerate(trainer.model.moe_layers()):
-            d = layer.dispatcher
-            for i in range(d.num_local):
-                torch.save(
-                    {
-                        "lora_A": d.bank.lora_A[i].detach().cpu().clone(),
-                        "lora_B": d.bank.lora_B[i].detach().cpu().clone(),
-                        "layer": layer.name,
-                        "expert": d.first_expert + i,
-                    },
-                    out / expert_file(L, d.first_expert + i),
-                )
-    if trainer.expert_optimizer is not None:
-        torch.save(trainer.expert_optimizer.state_dict(), out / _rank_file("expert_optim", rank))
-    torch.save(
-        {
-            "client_state": client_state,
-            "rng": _rng_state(),
-            "global_step": trainer.global_step,
-        },
-        out / _rank_file("trainer_state", rank),
-    )
-    if rank == 0:
-        meta = {
-            "tag": tag,
-            "world_size": g.world_size,
-            "ep_size": g.ep_size,
-            "experts_per_layer": trainer.model.experts_per_layer,
-            "global_step": trainer.global_step,
-        }
-        (out / META).write_text(json.dumps(meta, indent=2))
-    _barrier()
-    if rank == 0:
-        _fsync_tree(out)
-        hang = os.environ.get(HANG_IN_SAVE_ENV)
-        if hang:
-            Path(hang).write_text(tag)
-            while True:
-                time.sleep(1)
-        final = root / tag
-        old = None
-        if final.exists():
-            old = root / f".old-{tag}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(out, final)
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        atomic_write_text(root / LATEST, tag)
-    _barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(f".{TAG_PREFIX}*"):  # temp dirs of an interrupted save
+                shutil.rmtree(stale, ignore_errors=True)
+            sched = getattr(e, "lr_scheduler", None)
+            state = {
+                "global_step": int(e.global_steps),
+                "global_samples": int(e.global_samples),
+                "skipped_steps": int(e.skipped_steps),
+                "lr": float(e.get_lr()[0]),
+                "lr_scheduler": sched.state_dict() if sched is not None else None,
+                "client_state": client_state,
+                "rng": rngs,
+            }
+            meta = {
+                "format": CHECKPOINT_FORMAT,
+                "tag": tag,
+                "global_step": trainer.global_step,
+                "micro_batch_size": int(e.train_micro_batch_size_per_gpu()),
+                "grad_accum": int(e.gradient_accumulation_steps()),
+                **_current(trainer),
+            }
+            with atomic_dir(root / tag) as tmp:
+                save_file(params, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+                cfg = trainer.model.adapter_config_dict()
+                (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+                torch.save(optim, tmp / OPTIMIZER)
+                torch.save(state, tmp / TRAINER_STATE)
+                (tmp / META).write_text(json.dumps(meta, indent=2))
+                hang = os.environ.get(HANG_IN_SAVE_ENV)
+                if hang:
+                    Path(hang).write_text(tag)
+                    while True:
+                        time.sleep(1)
+            atomic_write_text(root / LATEST, tag)
+        except Exception as exc:  # the other ranks must hear of it, not hang
+            err = f"rank 0 could not write checkpoint {root / tag}: {exc}"
+            if not dist.is_initialized():
+                raise
+    if dist.is_initialized():
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise RuntimeError(box[0])
     return root / tag
 
 
-def latest_tag(directory: str | Path) -> str | None:
-    """The tag named by ``<directory>/latest``, or ``None``."""
-    f = Path(directory) / LATEST
-    return f.read_text().strip() if f.is_file() else None
+def load_checkpoint(trainer, directory: str | Path, tag: str | None = None):
+    """Restore adapter, both optimizers, LR schedule, counters (and RNG at the same W).
 
+    Collective. Works across world sizes and ``ep_size`` (module docstring).
 
-def load_checkpoint(trainer: MoETrainer, directory: str | Path, tag: str | None = None):
-    """Restore model, optimizers, LR schedule, RNG; return this rank's client state.
-
-    Collective. Returns ``None`` (and changes nothing) when ``directory`` has no
-    ``latest`` and no ``tag`` is given.
+    Returns:
+        The client state saved by rank 0, or ``None`` (nothing changed) when
+        ``directory`` has no ``latest`` and no ``tag`` is given.
 
     Raises:
-        ValueError: The checkpoint is missing files or was written with another
-            world size / ``ep_size`` / expert allocation.
+        ValueError: Not a checkpoint of this format, or one this run cannot
+            continue (:func:`check_compatible`).
     """
+    from safetensors.torch import load_file
+
     root = Path(directory)
     tag = tag or latest_tag(root)
     if tag is None:
         return None
     ckpt = root / tag
-    rank, g = trainer.groups.rank, trainer.groups
-    meta_file = ckpt / META
-    if not meta_file.is_file():
-        raise ValueError(f"{ckpt} is not a loramoe-ds checkpoint (no {META})")
-    meta = json.loads(meta_file.read_text())
-    want = {
-        "world_size": g.world_size,
-        "ep_size": g.ep_size,
-        "experts_per_layer": trainer.model.experts_per_layer,
-    }
-    for k, v in want.items():
-        if meta[k] != v:
-            raise ValueError(f"{ckpt}: saved with {k}={meta[k]}, this run has {k}={v}")
-    load_path, _ = trainer.engine.load_checkpoint(
-        str(root),
-        tag=tag,
-        load_module_strict=False,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise ValueError(f"DeepSpeed could not load {ckpt}")
-    if trainer.expert_parallel:
-        with torch.no_grad():
-            for L, layer in enumerate(trainer.model.moe_layers()):
-                d = layer.dispatcher
-                for i in range(d.num_local):
-                    f = ckpt / expert_file(L, d.first_expert + i)
-                    if not f.is_file():
-                        raise ValueError(f"{ckpt}: missing expert file {f.name}")
-                    s = torch.load(f, map_location="cpu", weights_only=True)
-                    d.bank.lora_A[i].copy_(s["lora_A"])
-                    d.bank.lora_B[i].copy_(s["lora_B"])
-        opt_state = torch.load(
-            ckpt / _rank_file("expert_optim", rank), map_location="cpu", weights_only=False
-        )
-        trainer.expert_optimizer.load_state_dict(opt_state)
-    st = torch.load(
-        ckpt / _rank_file("trainer_state", rank), map_location="cpu", weights_only=False
-    )
-    _set_rng_state(st["rng"])
+    meta = read_meta(ckpt)
+    check_compatible(meta, _current(trainer), ckpt)
+    params = load_file(str(ckpt / ADAPTER_WEIGHTS))
+    optim = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
+    state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+    _load_engine_state(trainer, params, optim)
+    _load_expert_state(trainer, params, optim)
+    e = trainer.engine
+    e.global_steps = state["global_step"]
+    e.global_samples = state["global_samples"]
+    e.skipped_steps = state["skipped_steps"]
+    e.micro_steps = state["global_step"] * int(e.gradient_accumulation_steps())
+    if state["lr_scheduler"] is not None and getattr(e, "lr_scheduler", None) is not None:
+        e.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    opts = [_inner_optimizer(e)] + ([trainer.expert_optimizer] if trainer.expert_optimizer else [])
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = state["lr"]
+    if len(state["rng"]) == trainer.groups.world_size:
+        _set_rng_state(state["rng"][trainer.groups.rank])
     _barrier()
-    return st["client_state"]
+    return state["client_state"]
 
 
-def gather_full_adapter_state(trainer: MoETrainer) -> dict[str, torch.Tensor]:
-    """All routers and experts, unsharded, fp32, CPU (collective).
-
-    Routers (and replicated banks) come from ``safe_get_full_fp32_param`` (ZeRO
-    master weights; the parameter itself without ZeRO); EP shards are
-    all-gathered over the EP group and concatenated in global expert order.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    def full(p: torch.nn.Parameter) -> torch.Tensor:
-        v = safe_get_full_fp32_param(p)
-        return (p.detach() if v is None else v).float().cpu().clone()
-
-    from loramoe_ds.parallel.engine import gather_adapter
-
-    def local(p: torch.nn.Parameter) -> torch.Tensor:
-        return p.detach().float().contiguous()
-
-    state = gather_adapter(trainer.model, trainer.groups, full, local)
-    return state
-
-
-def export_adapter(trainer: MoETrainer, path: str | Path) -> Path:
+def export_adapter(trainer, path: str | Path) -> Path:
     """Write the full adapter (safetensors + JSON) from rank 0 (collective)."""
-    state = gather_full_adapter_state(trainer)
+    state = full_adapter_state(trainer)
     if trainer.groups.rank == 0:
         trainer.model.save_adapter(path, state=state)
     _barrier()

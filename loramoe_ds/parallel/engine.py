@@ -113,6 +113,8 @@ from torch import nn
 from loramoe_ds.config import AdapterConfig
 from loramoe_ds.model.experts import ExpertBank
 from loramoe_ds.model.inject import LoRAMoEModel, _num_layers, inject
+from loramoe_ds.parallel import checkpoint as ckpt
+from loramoe_ds.parallel.checkpoint import gather_adapter, load_full_state
 from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
 from loramoe_ds.parallel.groups import ExpertGroups, create_expert_groups, validate_ep
 
@@ -344,7 +346,7 @@ class MoETrainer:
         torch.manual_seed(seed)
         model = inject(base, adapter_cfg)
         if init_state is not None:
-            _load_full_state(model, init_state)
+            load_full_state(model, init_state)
         if getattr(adapter_cfg, "aux_loss_scope", "micro_batch") == "global_batch":
             from loramoe_ds.parallel.aux_scope import DPGather
 
@@ -601,43 +603,20 @@ class MoETrainer:
         Names as :meth:`LoRAMoEModel.adapter_named_parameters` of the unsharded
         model; values fp32 (master weights), on CPU.
         """
-        from loramoe_ds.parallel.checkpoint import gather_full_adapter_state
-
-        return gather_full_adapter_state(self)
+        return ckpt.full_adapter_state(self)
 
     def save(self, directory: str | Path, client_state: dict | None = None) -> Path:
-        """Atomic checkpoint (collective); see :mod:`loramoe_ds.parallel.checkpoint`."""
-        from loramoe_ds.parallel.checkpoint import save_checkpoint
-
-        return save_checkpoint(self, directory, client_state)
+        """Atomic, topology-independent checkpoint (collective); see
+        :mod:`loramoe_ds.parallel.checkpoint`."""
+        return ckpt.save_checkpoint(self, directory, client_state)
 
     def load(self, directory: str | Path, tag: str | None = None) -> dict | None:
-        """Resume from ``directory`` (collective); returns this rank's client state."""
-        from loramoe_ds.parallel.checkpoint import load_checkpoint
-
-        return load_checkpoint(self, directory, tag)
+        """Resume from ``directory`` at this topology (collective); returns the client state."""
+        return ckpt.load_checkpoint(self, directory, tag)
 
     def export_adapter(self, path: str | Path) -> Path:
         """Gather all experts and write the safetensors adapter on rank 0 (collective)."""
-        from loramoe_ds.parallel.checkpoint import export_adapter
-
-        return export_adapter(self, path)
-
-
-def _load_full_state(model: LoRAMoEModel, state: dict[str, torch.Tensor]) -> None:
-    """Copy a full adapter state into an injected, not yet sharded model."""
-    params = dict(model.adapter_named_parameters())
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"init_state: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            if tuple(p.shape) != tuple(state[n].shape):
-                raise ValueError(
-                    f"init_state: {n} has shape {tuple(state[n].shape)}, model {p.shape}"
-                )
-            p.copy_(state[n].to(p.dtype))
+        return ckpt.export_adapter(self, path)
 
 
 def enable_activation_checkpointing(base: nn.Module) -> None:
@@ -657,31 +636,3 @@ def enable_activation_checkpointing(base: nn.Module) -> None:
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     base.train()
-
-
-def gather_adapter(model, groups, full, local) -> dict[str, torch.Tensor]:
-    """Walk every adapted linear and return unsharded tensors (collective).
-
-    Args:
-        model: The injected model.
-        groups: The EP/EDP groups.
-        full: ``param -> full CPU tensor`` for engine (ZeRO) parameters.
-        local: ``param -> local tensor`` for an EP shard; shards are all-gathered
-            over the EP group (global expert id = ep_rank * local + i).
-
-    Returns:
-        ``{name: tensor}`` in the naming of ``LoRAMoEModel.adapter_named_parameters``.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for layer in model.moe_layers():
-        out[f"{layer.name}.router.weight"] = full(layer.router.weight)
-        if layer.experts is not None:
-            out[f"{layer.name}.experts.lora_A"] = full(layer.experts.lora_A)
-            out[f"{layer.name}.experts.lora_B"] = full(layer.experts.lora_B)
-            continue
-        for pname in ("lora_A", "lora_B"):
-            shard = local(getattr(layer.dispatcher.bank, pname))
-            parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
-            dist.all_gather(parts, shard, group=groups.ep_group)
-            out[f"{layer.name}.experts.{pname}"] = torch.cat(parts).cpu()
-    return out

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-TAG_PREFIX = "global_step"
 
 
 @dataclass(frozen=True)
@@ -74,14 +71,6 @@ class CheckpointPolicy:
         Returns:
             The removed directories.
         """
-        if self.keep <= 0:
-            return []
-        d = Path(ckpt_dir)
-        tags = sorted(
-            (p for p in d.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)),
-            key=lambda p: int("".join(c for c in p.name if c.isdigit()) or 0),
-        )
-        removed = tags[: -self.keep]
-        for p in removed:
-            shutil.rmtree(p, ignore_errors=True)
-        return removed
+        from loramoe_ds.parallel.checkpoint import prune_checkpoints
+
+        return prune_checkpoints(ckpt_dir, self.keep)

@@ -83,7 +83,7 @@ def test_deepspeed_run_writes_metrics_checkpoints_adapter(reference_run):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     ck = reference_run / "checkpoints"
     assert (ck / "latest").read_text().strip() == "global_step6"
-    assert sorted(p.name for p in (ck / "global_step6").glob("layer_*_expert_*")) != []
+    assert (ck / "global_step6" / "adapter_model.safetensors").is_file()  # full, unsharded
     assert (reference_run / "adapter" / "adapter_model.safetensors").is_file()
     assert list((reference_run / "tb").iterdir())
 

@@ -57,13 +57,67 @@ def test_sampler_resume_mid_epoch(stop_after: int) -> None:
 
 
 def test_load_state_rejects_mismatch() -> None:
+    # A state from another world size loads (continuing at its global position,
+    # test_resume_on_other_world_size) unless that position does not split evenly.
+    s = ResumableDistributedSampler(50, 2, 0, seed=3)
+    next(iter(s))
+    with pytest.raises(ValueError, match="cannot be split evenly over 4 ranks"):
+        ResumableDistributedSampler(50, 4, 0, seed=3).load_state_dict(s.state_dict())
     state = ResumableDistributedSampler(50, 2, 0, seed=3).state_dict()
-    with pytest.raises(ValueError, match="num_replicas"):
-        ResumableDistributedSampler(50, 4, 0, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch"):
+        ResumableDistributedSampler(50, 2, 0, seed=3, global_batch=4).load_state_dict(state)
     with pytest.raises(ValueError, match="num_samples_total"):
         ResumableDistributedSampler(60, 2, 0, seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="rank"):
         ResumableDistributedSampler(50, 2, 2)
+
+
+def _steps(n: int, world: int, micro: int, gas: int, gb: int, epochs: int = 2, start=None):
+    """Sorted sample ids of every optimizer step over all ranks (optionally resumed)."""
+    samplers = [ResumableDistributedSampler(n, world, r, seed=9, global_batch=gb)
+                for r in range(world)]  # fmt: skip
+    if start is not None:
+        for s in samplers:
+            s.load_state_dict(start)
+    out = []
+    for _ in range(epochs):
+        rank_ids = [list(s) for s in samplers]
+        for s in samplers:
+            s.set_epoch(s.epoch + 1)
+        micro_steps = len(rank_ids[0]) // micro
+        assert micro_steps % gas == 0  # whole optimizer steps per epoch
+        for g in range(micro_steps // gas):
+            lo, hi = g * gas * micro, (g + 1) * gas * micro
+            out.append(sorted(i for ids in rank_ids for i in ids[lo:hi]))
+    return out, samplers[0]
+
+
+def test_global_batch_is_topology_independent() -> None:
+    """Global batch 8: step g holds perm[8g : 8g+8] on 1 rank x micro 4 x GAS 2,
+    2 x 4, 4 x 2 and 8 x 1; each epoch is 50 // 8 = 6 whole steps (no step spans two
+    epochs, which 1 rank x GAS 2 without ``global_batch`` would: 12.5 steps)."""
+    ref, _ = _steps(50, 2, 4, 1, 8)
+    assert len(ref) == 12
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(9)).tolist()
+    assert ref[1] == sorted(perm[8:16])
+    for world, micro, gas in [(1, 4, 2), (4, 2, 1), (8, 1, 1), (2, 2, 2)]:
+        assert _steps(50, world, micro, gas, 8)[0] == ref, (world, micro, gas)
+
+
+@pytest.mark.parametrize("w1,w2", [(2, 4), (4, 2), (2, 1), (1, 8)])
+def test_resume_on_other_world_size(w1: int, w2: int) -> None:
+    """A state saved after 3 steps at W1 continues at W2 with exactly the steps an
+    uninterrupted run has (same global batch): nothing skipped, nothing repeated."""
+    full, _ = _steps(50, w1, 8 // w1, 1, 8, epochs=2)
+    s = ResumableDistributedSampler(50, w1, 0, seed=9, global_batch=8)
+    it = iter(s)
+    for _ in range(3 * 8 // w1):
+        next(it)
+    state = s.state_dict()
+    assert state["global_position"] == 24
+    rest, s2 = _steps(50, w2, 8 // w2, 1, 8, epochs=2, start=state)
+    assert full[3:] == rest[: len(full) - 3]
+    assert s2.position == 0 and s2.epoch == 2
 
 
 class _Toy(torch.utils.data.Dataset):
