@@ -8,10 +8,18 @@ The bank stores ``a_ERD`` (so ``A_cat = a_ERD.view(E*R, D)`` is the paper's
 ``[A_1; ...; A_E]``) and ``b_ERO`` (so ``b_ERO.view(E*R, O)`` is ``B_cat^T``).
 
 * Soft routing (every token, every expert): two GEMMs,
-  ``h = x @ A_cat^T``, scale each R-wide block of ``h`` by ``g_e``,
-  ``y = h @ B_cat^T`` (DESIGN section 2).
+  ``h = x @ A_cat^T``, scale each R-wide block of ``h`` by ``s * g_e``,
+  ``y = y0 + h @ B_cat^T`` (docs/design.md). The LoRA scale ``s`` and the gates
+  are applied to the thin ``T x E*R`` matrix ``h`` and the base output ``y0`` is
+  added by the second GEMM itself (``addmm``), so no extra pass over a
+  ``T x O`` tensor is made for either.
 * Top-k routing: rows sorted by expert, one grouped GEMM per factor
-  (``torch.nn.functional.grouped_mm`` where it runs, else one padded ``bmm``).
+  (``torch.nn.functional.grouped_mm`` where it runs, else one padded ``bmm``);
+  the gates scale the ``N x R`` rows between the two GEMMs.
+
+The bank computes in the dtype of its input (its weights are cast to it; a
+no-op when they already match): expert parallelism keeps fp32 master weights
+and feeds bf16 rows on GPU, and the gradients flow back to the fp32 weights.
 
 No Python loop over experts on any of these paths.
 """
@@ -61,46 +69,80 @@ class ExpertBank(nn.Module):
         x: torch.Tensor,
         gates_TE: torch.Tensor | None = None,
         counts_E: torch.Tensor | None = None,
+        *,
+        out_TO: torch.Tensor | None = None,
+        scale: float = 1.0,
+        row_scale_N: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Entry point (so ZeRO-3's module hooks gather the bank when it is partitioned).
 
-        Exactly one of ``gates_TE`` (soft: :meth:`soft`) or ``counts_E`` (rows
-        grouped by expert: :meth:`grouped`) must be given.
+        Exactly one of ``gates_TE`` (soft: :meth:`soft`, with ``out_TO`` and
+        ``scale``) or ``counts_E`` (rows grouped by expert: :meth:`grouped`,
+        with ``row_scale_N``) must be given.
         """
         if (gates_TE is None) == (counts_E is None):
             raise ValueError("pass exactly one of gates_TE (soft) or counts_E (grouped)")
         if gates_TE is not None:
-            return self.soft(x, gates_TE)
-        return self.grouped(x, counts_E)
+            return self.soft(x, gates_TE, out_TO, scale)
+        return self.grouped(x, counts_E, row_scale_N)
 
-    def soft(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
-        """``sum_e g_e B_e A_e x`` for every token: two GEMMs.
+    def soft(
+        self,
+        x_TD: torch.Tensor,
+        gates_TE: torch.Tensor,
+        out_TO: torch.Tensor | None = None,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """``out + scale * sum_e g_e B_e A_e x`` for every token: two GEMMs.
+
+        ``h = x A_cat^T`` (``T x E*R``), each R-wide block scaled by
+        ``scale * g_e``, then ``addmm(out, h, B_cat^T)``: the scale, the gates
+        and the residual add cost nothing over a ``T x O`` tensor.
 
         Args:
-            x_TD: Expert input (after dropout).
-            gates_TE: Mixing weights (any float dtype; cast to ``x``'s).
+            x_TD: Expert input (after dropout); its dtype is the compute dtype.
+            gates_TE: Mixing weights (any float dtype; ``scale * g`` is formed
+                in the gates' dtype, then cast to ``x``'s).
+            out_TO: Added to the result (the base output); ``None``: zeros.
+            scale: Factor on the mixture (the LoRA ``alpha / r``, times the
+                dropout's ``1 / (1 - p)`` when the caller left it out of ``x``).
 
         Returns:
-            ``y_TO`` (unscaled by alpha/r).
+            ``y_TO`` in ``x``'s dtype (``out_TO``'s when it is given).
         """
-        E, R = self.num_experts, self.rank
-        h_TX = x_TD @ self.lora_A.reshape(E * R, self.in_features).t()
-        h_TX = (h_TX.view(-1, E, R) * gates_TE.to(h_TX.dtype).unsqueeze(-1)).view(-1, E * R)
-        return h_TX @ self.lora_B.reshape(E * R, self.out_features)
+        E, R, dt = self.num_experts, self.rank, x_TD.dtype
+        a_XD = self.lora_A.reshape(E * R, self.in_features).to(dt)
+        b_XO = self.lora_B.reshape(E * R, self.out_features).to(dt)
+        g_TE = gates_TE * scale if scale != 1.0 else gates_TE
+        h_TX = x_TD @ a_XD.t()
+        h_TX = (h_TX.view(-1, E, R) * g_TE.to(dt).unsqueeze(-1)).view(-1, E * R)
+        if out_TO is None:
+            return h_TX @ b_XO
+        if out_TO.dtype != dt:
+            return out_TO + (h_TX @ b_XO).to(out_TO.dtype)
+        return torch.addmm(out_TO, h_TX, b_XO)
 
-    def grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """``B_e A_e x`` for rows already sorted by expert (no gating).
+    def grouped(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, row_scale_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``c_n B_e A_e x_n`` for rows already sorted by expert.
 
         Args:
             x_ND: Rows grouped by expert: the first ``counts_E[0]`` rows go to
-                expert 0, the next ``counts_E[1]`` to expert 1, ...
+                expert 0, the next ``counts_E[1]`` to expert 1, ...; its dtype
+                is the compute dtype.
             counts_E: Rows per expert (sums to N).
+            row_scale_N: Optional per-row factor ``c_n`` (gate times scale),
+                applied to the ``N x R`` rows between the two GEMMs; ``None``: 1.
 
         Returns:
-            ``y_NO`` in the same row order.
+            ``y_NO`` in the same row order, in ``x``'s dtype.
         """
-        h_NR = grouped_matmul(x_ND, self.lora_A.transpose(1, 2), counts_E)
-        return grouped_matmul(h_NR, self.lora_B, counts_E)
+        dt = x_ND.dtype
+        h_NR = grouped_matmul(x_ND, self.lora_A.to(dt).transpose(1, 2), counts_E)
+        if row_scale_N is not None:
+            h_NR = h_NR * row_scale_N.to(dt)[:, None]
+        return grouped_matmul(h_NR, self.lora_B.to(dt), counts_E)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -234,8 +276,10 @@ def local_mixture(
     routing: Routing,
     capacity_factor: float | None = None,
     topk_impl: str = "auto",
+    out_TO: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """All experts on this device: ``sum_k g_k B_{e_k} A_{e_k} x`` per token.
+    """All experts on this device: ``out + scale * sum_k g_k B_{e_k} A_{e_k} x`` per token.
 
     Top-k has two exact implementations of the same function:
 
@@ -253,12 +297,15 @@ def local_mixture(
         capacity_factor: Top-k only; ``None`` is dropless.
         topk_impl: ``auto`` (dense when ``E*R <= DENSE_TOPK_MAX_WIDTH``),
             ``dense`` or ``grouped``.
+        out_TO: Added to the result (the base output, so that the sum costs no
+            extra pass); ``None``: zeros.
+        scale: Factor on the mixture (folded into the gates).
 
     Returns:
-        ``y_TO`` (unscaled by alpha/r).
+        ``y_TO``.
     """
     if routing.is_soft:
-        return bank(x_TD, gates_TE=routing.gates_TK)
+        return bank(x_TD, gates_TE=routing.gates_TK, out_TO=out_TO, scale=scale)
     if topk_impl not in TOPK_IMPLS:
         raise ValueError(f"topk_impl={topk_impl!r}: valid values {list(TOPK_IMPLS)}")
     T, K = routing.experts_TK.shape
@@ -272,9 +319,12 @@ def local_mixture(
             keep_N = torch.zeros(T * K, dtype=torch.bool, device=x_TD.device)
             keep_N[order_N] = True
         g_TE = dense_gates(routing.gates_TK, routing.experts_TK, E, keep_N)
-        return bank(x_TD, gates_TE=g_TE)
+        return bank(x_TD, gates_TE=g_TE, out_TO=out_TO, scale=scale)
     order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap)
     token_N = order_N // K
-    y_NO = bank(x_TD.index_select(0, token_N), counts_E=counts_E)
-    y_NO = y_NO * routing.gates_TK.reshape(-1).index_select(0, order_N).to(y_NO.dtype)[:, None]
-    return y_NO.new_zeros(T, bank.out_features).index_add(0, token_N, y_NO)
+    c_N = routing.gates_TK.reshape(-1).index_select(0, order_N)
+    c_N = c_N * scale if scale != 1.0 else c_N
+    y_NO = bank(x_TD.index_select(0, token_N), counts_E=counts_E, row_scale_N=c_N)
+    if out_TO is None:
+        out_TO = y_NO.new_zeros(T, bank.out_features)
+    return out_TO.index_add(0, token_N, y_NO.to(out_TO.dtype))

@@ -4,6 +4,18 @@ Shape legend: T tokens, D input dim, O output dim, E experts, R rank, K top-k.
 
     y = W0 x + s * sum_e g_e(x) * B_e A_e dropout(x),   s = alpha / r
 
+The base linear is always called through its own module (ZeRO-3's hooks gather
+its weight there); its output is then the addend of the experts' second GEMM
+(see :meth:`~loramoe_ds.model.experts.ExpertBank.soft`), so adding the experts'
+contribution, its scale and its gates cost no pass over the ``T x O`` output.
+
+Dropout: ``dropout(x) = x * m / (1 - p)`` with ``m`` i.i.d. Bernoulli(1 - p),
+one mask shared by all experts of the layer. The factor ``1 / (1 - p)`` is
+folded into the mixture's scale. On the CPU, for ``p <= SPARSE_DROPOUT_MAX_P``,
+only the dropped positions are drawn (:func:`dropped_positions`: about ``p n``
+random numbers instead of ``n``, the same distribution); elsewhere the mask
+comes from ``torch.nn.functional.dropout`` (one fused kernel on GPU).
+
 The expert computation goes through a *dispatcher*: by default the local bank
 (:func:`loramoe_ds.model.experts.local_mixture`); expert parallelism plugs in an
 object with the same call signature from outside (``loramoe_ds.parallel``), so
@@ -12,6 +24,7 @@ this module never imports DeepSpeed or torch.distributed.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -19,6 +32,41 @@ from torch import nn
 
 from loramoe_ds.model.experts import ExpertBank, local_mixture
 from loramoe_ds.model.router import Router, Routing
+
+#: CPU dropout draws the dropped positions (not a Bernoulli per element) up to this p.
+SPARSE_DROPOUT_MAX_P = 0.25
+
+
+def dropped_positions(n: int, p: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Flat indices zeroed by i.i.d. Bernoulli(p) dropout of ``n`` elements (sorted, unique).
+
+    The gaps between consecutive dropped positions of a Bernoulli(p) sequence
+    are i.i.d. geometric, ``P(G >= k) = (1 - p)^k``, drawn by inversion as
+    ``G = floor(log V / log(1 - p))`` with ``V ~ U(0, 1]`` in fp64; position
+    ``i_j = i_{j-1} + 1 + G_j``. About ``n p`` uniforms are drawn (from the
+    default generator, so ``torch.manual_seed`` and activation checkpointing's
+    RNG restore reproduce them), instead of ``n``.
+
+    Args:
+        n: Number of elements.
+        p: Drop probability in (0, 1).
+        device: Device of the draws and of the result.
+
+    Returns:
+        int64 positions in ``[0, n)``.
+    """
+    log_keep = math.log1p(-p)
+    parts, last = [], -1  # last: the previous dropped position
+    while last < n - 1:
+        left = n - 1 - last
+        m = int(left * p + 6.0 * math.sqrt(left * p) + 16)
+        v = 1.0 - torch.rand(m, dtype=torch.float64, device=device)
+        steps = torch.floor(torch.log(v) / log_keep).to(torch.int64) + 1
+        pos = last + torch.cumsum(steps, 0)
+        parts.append(pos)
+        last = int(pos[-1])
+    pos = torch.cat(parts)
+    return pos[pos < n]
 
 
 class Dispatcher(Protocol):
@@ -42,7 +90,8 @@ class MoELoRALinear(nn.Module):
         num_experts: E for this layer.
         rank: R.
         alpha: LoRA alpha (scale ``alpha / rank``).
-        dropout: Dropout on the expert input (one mask shared by all experts).
+        dropout: Dropout probability on the expert input (one mask shared by
+            all experts).
         router: ``"soft"`` or ``"topk"``.
         top_k: K.
         name: Module path in the base model (for losses, checkpoints, logs).
@@ -78,24 +127,39 @@ class MoELoRALinear(nn.Module):
         self.experts: ExpertBank | None = ExpertBank(
             num_experts, self.in_features, self.out_features, rank
         )
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         # Plain attributes (not submodules): set from outside per forward / per run.
         self.dispatcher: Dispatcher | None = None
         self.recorder: RoutingRecorder | None = None
+        self.topk_impl = "auto"  # experts.TOPK_IMPLS; benchmarks pin one path
+
+    def expert_input(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(x * m, c)`` with ``dropout(x) = c * x * m``; ``(x, 1)`` in eval mode or for p = 0."""
+        p = self.dropout
+        if p == 0 or not self.training:
+            return x_TD, 1.0
+        if x_TD.device.type == "cpu" and p <= SPARSE_DROPOUT_MAX_P:
+            drop = dropped_positions(x_TD.numel(), p, x_TD.device)
+            return x_TD.reshape(-1).index_fill(0, drop, 0.0).view_as(x_TD), 1.0 / (1.0 - p)
+        return nn.functional.dropout(x_TD, p, training=True), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         x_TD = x.reshape(-1, self.in_features)
         routing = self.router(x_TD)
-        xd_TD = self.lora_dropout(x_TD)
+        xd_TD, keep = self.expert_input(x_TD)
+        y_TO = y.reshape(-1, self.out_features)
+        scale = self.scaling * keep
         if self.dispatcher is not None:
-            delta_TO = self.dispatcher(xd_TD, routing)
+            out_TO = y_TO + (scale * self.dispatcher(xd_TD, routing)).to(y.dtype)
         else:
             assert self.experts is not None, "expert bank detached but no dispatcher set"
-            delta_TO = local_mixture(self.experts, xd_TD, routing, self.capacity_factor)
+            out_TO = local_mixture(
+                self.experts, xd_TD, routing, self.capacity_factor, self.topk_impl, y_TO, scale
+            )
         if self.recorder is not None:
             self.recorder.record(self, routing)
-        return y + (self.scaling * delta_TO).view(*x.shape[:-1], self.out_features).to(y.dtype)
+        return out_TO.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -4,7 +4,9 @@ Shape legend: T tokens, D input dim, E experts, K experts per token.
 
 The router is a bias-free linear ``W_r: E x D`` applied to the *undropped*
 input; its logits and the softmax are computed in fp32 whatever the activation
-dtype (STYLE 7).
+dtype (docs/design.md). The fp32 copy of a low-precision activation is
+transient: the backward keeps the activation the base linear keeps anyway
+(:class:`_RouterLogits`), not a second fp32 copy of it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Routing(NamedTuple):
         logits_TE: fp32 router logits.
         probs_TE: fp32 softmax of the logits (the ``w`` of the aux losses).
         gates_TK: fp32 mixing weights. Soft: ``probs_TE`` itself (K == E).
-            Top-k: the k largest probabilities, renormalised to sum to 1.
+            Top-k: the k largest probabilities, renormalised to sum to 1
+            (k >= 2); for k = 1 the largest probability itself (Switch).
         experts_TK: Expert index of each gate (top-k); ``None`` for soft routing,
             where gate ``k`` belongs to expert ``k``.
     """
@@ -45,12 +48,44 @@ class Routing(NamedTuple):
         return self.experts_TK is None
 
 
+class _RouterLogits(torch.autograd.Function):
+    """``logits_TE = x_TD @ W_r^T`` in fp32 (fp64 stays fp64), saving ``x`` in its own dtype.
+
+    ``F.linear(x.float(), w.float())`` would keep the fp32 copy of a bf16
+    ``x`` (2x the activation) alive until the backward, per adapted linear; here
+    the upcast is redone in the backward instead. In fp32 the two are the same
+    GEMMs.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_ED):  # noqa: D102
+        acc = torch.promote_types(torch.promote_types(x_TD.dtype, w_ED.dtype), torch.float32)
+        w32_ED = w_ED.to(acc)
+        ctx.save_for_backward(x_TD, w32_ED)
+        ctx.w_dtype = w_ED.dtype
+        return torch.nn.functional.linear(x_TD.to(acc), w32_ED)
+
+    @staticmethod
+    def backward(ctx, g_TE):  # noqa: D102
+        x_TD, w32_ED = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g_TE @ w32_ED).to(x_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = (g_TE.t() @ x_TD.to(w32_ED.dtype)).to(ctx.w_dtype)
+        return gx, gw
+
+
 class Router(nn.Module):
     """Per-token gate over E LoRA experts.
 
     ``soft`` (LoRAMoE, Dou et al. 2023): ``g = softmax(W_r x)`` over all experts.
     ``topk`` (MoLA, Gao et al. 2024): ``p = softmax(W_r x)``, keep the ``k``
-    largest, renormalise: ``g_i = p_i / sum_{j in topk} p_j``.
+    largest, renormalise: ``g_i = p_i / sum_{j in topk} p_j`` for ``k >= 2``.
+    For ``k = 1`` the renormalised gate would be 1 for every token, so the LM
+    loss would give the router no gradient; top-1 therefore uses the
+    un-renormalised probability ``g = p_max`` (the Switch Transformer
+    convention), through which the LM loss trains the router.
 
     Args:
         in_features: D, the input width of the adapted linear.
@@ -86,7 +121,7 @@ class Router(nn.Module):
         Returns:
             The :class:`Routing` (all fp32).
         """
-        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float())
+        logits_TE = _RouterLogits.apply(x_TD, self.weight)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.mode == "soft":
             gates_TE = probs_TE
@@ -103,5 +138,7 @@ class Router(nn.Module):
             )
             return Routing(logits_TE, probs_TE, gates_TK, experts_TK)
         top_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.top_k == 1:
+            return Routing(logits_TE, probs_TE, top_TK, experts_TK)  # Switch: g = p_max
         gates_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
         return Routing(logits_TE, probs_TE, gates_TK, experts_TK)
