@@ -44,7 +44,10 @@ class AdapterConfig:
     ``top_k`` largest softmax probabilities and renormalise (MoLA)."""
 
     top_k: int = 2
-    """Experts per token for ``router="topk"``."""
+    """Experts per token for ``router="topk"``. For ``top_k >= 2`` the kept
+    probabilities are renormalised to sum to 1; for ``top_k = 1`` that gate would
+    always be 1 and the LM loss would not train the router, so top-1 uses the
+    largest probability itself as the gate (the Switch Transformer convention)."""
 
     num_experts: int | list[int] | str = 6
     """Experts per decoder layer: an int, a list with one int per layer, a MoLA
