@@ -33,8 +33,11 @@ EDP group and divided by the world size W it is the data-parallel average
 (see :mod:`loramoe_ds.parallel.engine`).
 
 Only ``all_to_all_single`` is used (gloo has no list ``all_to_all`` with
-unequal sizes). The bank's dtype is the master dtype (fp32); received rows are
-cast to it for the expert compute and results cast back to the activation dtype.
+unequal sizes). The bank's dtype is the master dtype (fp32, its own optimizer);
+the expert GEMMs run in the *activation* dtype: the received rows stay as they
+arrive (bf16 on GPU) and the bank casts its weights down to them
+(:class:`~loramoe_ds.model.experts.ExpertBank`), so the gradients flow back to
+the fp32 weights through that cast. With fp32 activations every cast is a no-op.
 """
 
 from __future__ import annotations
@@ -219,8 +222,7 @@ class EPDispatcher:
         msg_NX = torch.cat([x_PTD, g_PTL], dim=-1).reshape(P * T, D + L)
         got_MX = all_to_all(msg_NX, recv, send, self.group, self.stats)
         xr_MD, gr_ML = got_MX.split([D, L], dim=-1)
-        w = self.bank.lora_A.dtype
-        y_MO = self.bank(xr_MD.to(w), gates_TE=gr_ML.to(w)).to(x_TD.dtype)
+        y_MO = self.bank(xr_MD, gates_TE=gr_ML)  # in the activation dtype
         back_NO = all_to_all(y_MO, send, recv, self.group, self.stats)
         return back_NO.view(P, T, -1).sum(0)
 
@@ -242,9 +244,8 @@ class EPDispatcher:
         key_PL = torch.arange(L, device=dev).view(1, L) * P + torch.arange(P, device=dev).view(P, 1)
         key_M = torch.repeat_interleave(key_PL.reshape(-1), recv_PL.reshape(-1))
         perm_M = torch.argsort(key_M, stable=True)
-        w = self.bank.lora_A.dtype
-        y_MO = self.bank(xr_MD.index_select(0, perm_M).to(w), counts_E=recv_PL.sum(0))
-        y_MO = torch.empty_like(y_MO).index_copy(0, perm_M, y_MO).to(x_TD.dtype)
+        y_MO = self.bank(xr_MD.index_select(0, perm_M), counts_E=recv_PL.sum(0))
+        y_MO = torch.empty_like(y_MO).index_copy(0, perm_M, y_MO)
         ys_NO = all_to_all(y_MO, send, recv, self.group, self.stats)
         g_N = routing.gates_TK.reshape(-1).index_select(0, order_N).to(ys_NO.dtype)
         return ys_NO.new_zeros(T, ys_NO.shape[1]).index_add(0, token_N, ys_NO * g_N[:, None])

@@ -158,3 +158,167 @@ def test_router_topk_renormalises_and_is_fp32():
     top, idx = out.probs_TE.topk(2, -1)
     assert torch.equal(idx, out.experts_TK)
     torch.testing.assert_close(out.gates_TK, top / top.sum(-1, keepdim=True))
+
+
+# -- base output and scale folded into the expert GEMMs ----------------------------------------
+@pytest.mark.parametrize(
+    "mode,K,impl", [("soft", 0, "auto"), ("topk", 2, "dense"), ("topk", 2, "grouped")]
+)
+def test_out_and_scale_folded_match_loop(mode, K, impl):
+    """``local_mixture(out, scale) == out + scale * loop``, values and every gradient."""
+    E, R, D, O, T, s = 4, 3, 16, 24, 29, 2.5
+    bank = _bank(E, D, O, R)
+    router = Router(D, E, mode, max(K, 1))
+    x = torch.randn(T, D, requires_grad=True)
+    y0 = torch.randn(T, O, requires_grad=True)
+    params = [x, y0, bank.lora_A, bank.lora_B, router.weight]
+    got, g_got = _grads(
+        lambda: local_mixture(bank, x, router(x), None, impl, out_TO=y0, scale=s), params
+    )
+    ref, g_ref = _grads(lambda: y0 + s * loop_mixture(bank, x, router(x)), params)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the input dtypes of every matmul-like op run under it."""
+
+    OPS = ("mm", "addmm", "bmm", "_grouped_mm", "grouped_mm")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            self.seen.append((name, {a.dtype for a in args if isinstance(a, torch.Tensor)}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["dense", "grouped"])
+def test_bank_computes_in_the_input_dtype_with_fp32_masters(impl):
+    """fp32 weights, bf16 rows: bf16 GEMMs forward and backward, fp32 weight grads."""
+    E, R, D, O, T = 4, 4, 32, 16, 40
+    bank = _bank(E, D, O, R)
+    router = Router(D, E, "topk", 2)
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        routing = router(x)  # (the router's own backward runs in fp32 by design)
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    with _MatmulDtypes() as rec:
+        y = local_mixture(bank, xb, routing, None, impl)
+        y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert rec.seen and all(d == {torch.bfloat16} for _, d in rec.seen), [
+        s for s in rec.seen if s[1] != {torch.bfloat16}
+    ]
+    assert bank.lora_A.grad.dtype == torch.float32 and bank.lora_B.grad.dtype == torch.float32
+    ref = loop_mixture(bank, x, routing)  # fp32 reference
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+
+
+# -- dropout ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.05, 0.2])
+def test_dropped_positions_are_bernoulli(p):
+    """Count, uniformity and independence of neighbours of a Bernoulli(p) sequence."""
+    from loramoe_ds.model.moe_linear import dropped_positions
+
+    n = 400_000
+    torch.manual_seed(0)
+    pos = dropped_positions(n, p)
+    assert pos.dtype == torch.int64 and (pos[1:] > pos[:-1]).all()
+    assert 0 <= int(pos[0]) and int(pos[-1]) < n
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(pos.numel() - n * p) < 5 * sd
+    drop = torch.zeros(n, dtype=torch.bool)
+    drop[pos] = True
+    for part in drop.view(8, -1):  # every eighth of the sequence
+        assert abs(int(part.sum()) - n / 8 * p) < 5 * (n / 8 * p * (1 - p)) ** 0.5
+    pairs = int((drop[1:] & drop[:-1]).sum())  # P(neighbour dropped) = p^2
+    assert abs(pairs - (n - 1) * p * p) < 5 * ((n - 1) * p * p) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(dropped_positions(n, p), pos)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("mode,k", [("soft", 1), ("topk", 2)])
+def test_layer_sparse_dropout_matches_loop(mode, k):
+    """CPU dropout p <= 0.25: ``W0 x + s * loop(x * m / (1 - p))``, values and gradients."""
+    from loramoe_ds.model.moe_linear import dropped_positions
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    p = 0.1
+    layer = _wrap(lin, 4, 2, mode, k, dropout=p)
+    with torch.no_grad():
+        layer.experts.lora_B.normal_()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    params = [x, layer.experts.lora_A, layer.experts.lora_B, layer.router.weight]
+
+    def ref():
+        x_TD = x.reshape(-1, 16)
+        pos = dropped_positions(x_TD.numel(), p)
+        xd = x_TD.reshape(-1).index_fill(0, pos, 0.0).view_as(x_TD) / (1 - p)
+        delta = loop_mixture(layer.experts, xd, layer.router(x_TD))
+        return lin(x) + layer.scaling * delta.view(3, 7, 12)
+
+    torch.manual_seed(1)
+    got, g_got = _grads(lambda: layer(x), params)
+    torch.manual_seed(1)
+    exp, g_exp = _grads(ref, params)
+    torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_exp):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    layer.eval()  # no dropout at evaluation
+    torch.testing.assert_close(
+        layer(x), lin(x) + layer.scaling * loop_mixture(
+            layer.experts, x.reshape(-1, 16), layer.router(x.reshape(-1, 16))
+        ).view(3, 7, 12), atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+
+
+# -- expert-parallel dispatcher dtypes (one gloo rank) ----------------------------------------
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    owner = not dist.is_initialized()
+    if owner:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    yield None
+    if owner:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode,k", [("soft", 1), ("topk", 2)])
+def test_ep_dispatcher_fp32_equals_local_and_bf16_gemms(one_rank_group, mode, k):
+    """One EP rank: fp32 rows give the local result; bf16 rows run bf16 expert GEMMs
+    against the fp32 bank, whose gradients stay fp32."""
+    from loramoe_ds.parallel.dispatch import EPDispatcher
+
+    E, R, D, O, T = 4, 4, 32, 16, 24
+    bank = _bank(E, D, O, R)
+    router = Router(D, E, mode, k)
+    ep = EPDispatcher(bank, E, one_rank_group, 1, 0)
+    x = torch.randn(T, D, requires_grad=True)
+    params = [x, bank.lora_A, bank.lora_B, router.weight]
+    got, g_got = _grads(lambda: ep(x, router(x)), params)
+    exp, g_exp = _grads(lambda: local_mixture(bank, x, router(x), topk_impl="grouped"), params)
+    torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_exp):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    bank.zero_grad(set_to_none=True)
+    xb = x.detach().to(torch.bfloat16)
+    with torch.no_grad():
+        routing = router(x)  # (the router's own backward runs in fp32 by design)
+    with _MatmulDtypes() as rec:
+        y = ep(xb, routing)
+        y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert rec.seen and all(d == {torch.bfloat16} for _, d in rec.seen), [
+        s for s in rec.seen if s[1] != {torch.bfloat16}
+    ]
+    assert bank.lora_A.grad.dtype == torch.float32 and bank.lora_B.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), exp.detach(), atol=0.05, rtol=0.02)
