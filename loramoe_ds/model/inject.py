@@ -360,6 +360,15 @@ class LoRAMoEModel(nn.Module):
             for layer in layers:
                 layer.recorder = None
         self._check_recorded_with_grad(recorder)
+        for layer, routing in recorder.records.values():
+            if routing.probs_TE.shape[0] != token_mask_BS.numel():
+                raise ValueError(
+                    f"{layer.name} routed {routing.probs_TE.shape[0]} tokens for a batch of "
+                    f"{tuple(token_mask_BS.shape)} positions: {type(self.base).__name__} changes "
+                    "the number of positions inside the model (e.g. prepends prompt tokens), "
+                    "and the routing losses need one routed token per input position; "
+                    "adapt linears that see the input positions only"
+                )
         seg_T, n_rec, type_N = _records(token_mask_BS, seq_ids, task_type)
         lbc, lb, zl = self._aux_losses(recorder, token_mask_BS.reshape(-1), seg_T, n_rec, type_N)
         loss = None
