@@ -46,10 +46,8 @@ see one file system (they all read the checkpoint on load).
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +75,6 @@ BASE_IDENTITY_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
-# Test hook: when set to a path, rank 0 creates that file once everything is
-# written to the temporary directory and then hangs (a test kills the job mid-save).
-HANG_IN_SAVE_ENV = "LORAMOE_TEST_HANG_IN_SAVE"
 
 
 # -- tags and pruning ----------------------------------------------------------
@@ -531,11 +526,6 @@ def save_checkpoint(trainer, directory: str | Path, client_state: dict | None) -
                 torch.save(optim, tmp / OPTIMIZER)
                 torch.save(state, tmp / TRAINER_STATE)
                 (tmp / META).write_text(json.dumps(meta, indent=2))
-                hang = os.environ.get(HANG_IN_SAVE_ENV)
-                if hang:
-                    Path(hang).write_text(tag)
-                    while True:
-                        time.sleep(1)
             atomic_write_text(root / LATEST, tag)
         except Exception as exc:  # the other ranks must hear of it, not hang
             err = f"rank 0 could not write checkpoint {root / tag}: {exc}"

@@ -12,8 +12,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from loramoe_ds.parallel.checkpoint import HANG_IN_SAVE_ENV  # noqa: E402
 from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
+
+
+def hang_in_next_save(marker: str) -> None:
+    """Make the next checkpoint save hang once every file is in its temporary directory.
+
+    Wraps ``checkpoint.atomic_dir``: after the body has written everything and before
+    the rename, rank 0 creates ``marker`` and sleeps until the test SIGKILLs the job.
+    """
+    import contextlib
+    import time
+
+    from loramoe_ds.parallel import checkpoint
+
+    real = checkpoint.atomic_dir
+
+    @contextlib.contextmanager
+    def hanging(path):
+        with real(path) as tmp:
+            yield tmp
+            Path(marker).write_text(Path(path).name)
+            while True:
+                time.sleep(1)
+
+    checkpoint.atomic_dir = hanging
 
 
 def base_state(trainer) -> dict[str, torch.Tensor]:
@@ -106,7 +129,7 @@ def train(args, out: Path):
             losses[(step, m)] = st["loss"]
         if step + 1 in args.get("save_at", []):
             if step + 1 == args.get("hang_at"):
-                os.environ[HANG_IN_SAVE_ENV] = args["marker"]
+                hang_in_next_save(args["marker"])
             trainer.save(args["ckpt"], {"next_step": step + 1})
     return {"losses": losses, "global_step": trainer.global_step, "start": start,
             "final": trainer.full_adapter_state()}  # fmt: skip
