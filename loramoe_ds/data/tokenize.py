@@ -216,9 +216,6 @@ def _TOKENIZED_FEATURES() -> Any:
 class _Tokenize:
     """The batched ``Dataset.map`` function (a class so it pickles for num_proc>1)."""
 
-    calls = 0
-    """Number of batches processed in this process (tests check cache reuse)."""
-
     def __init__(self, tokenizer: Any, cfg: DataConfig, paths: Sequence[Path]) -> None:
         self.tokenizer = tokenizer
         self.fmt = PromptFormatter(tokenizer, cfg)
@@ -230,7 +227,6 @@ class _Tokenize:
         self.paths = [str(p) for p in paths]
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        type(self).calls += 1
         prompts = [self.fmt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
         tok = self.tokenizer
         p_ids = tok(prompts, add_special_tokens=False)["input_ids"]

@@ -264,14 +264,29 @@ def test_run_config_data_section_is_data_config() -> None:
 
 
 # ------------------------------------------------------------------------------- cache
-def test_second_call_reuses_cache_without_tokenising(tmp_path: Path, cfg: DataConfig, tok) -> None:
+@pytest.fixture
+def tokenize_calls(monkeypatch) -> list[int]:
+    """One entry per batch tokenised in this process (wraps the ``Dataset.map`` function)."""
+    calls: list[int] = []
+    real = tokenize_mod._Tokenize.__call__
+
+    def counting(self, batch):
+        calls.append(1)
+        return real(self, batch)
+
+    monkeypatch.setattr(tokenize_mod._Tokenize, "__call__", counting)
+    return calls
+
+
+def test_second_call_reuses_cache_without_tokenising(
+    tmp_path: Path, cfg: DataConfig, tok, tokenize_calls: list[int]
+) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    calls0 = tokenize_mod._Tokenize.calls
     ds1, s1 = load_tokenized(path, tok, cfg)
-    assert tokenize_mod._Tokenize.calls > calls0 and not s1.cache_hit
-    calls1 = tokenize_mod._Tokenize.calls
+    assert len(tokenize_calls) > 0 and not s1.cache_hit
+    calls1 = len(tokenize_calls)
     ds2, s2 = load_tokenized(path, tok, cfg)
-    assert tokenize_mod._Tokenize.calls == calls1 and s2.cache_hit
+    assert len(tokenize_calls) == calls1 and s2.cache_hit
     assert ds2["input_ids"] == ds1["input_ids"]
     # Memory-mapped from the cache directory, not an in-memory copy.
     assert all(f["filename"].startswith(cfg.cache_dir) for f in ds2.cache_files)
@@ -283,17 +298,19 @@ def test_second_call_reuses_cache_without_tokenising(tmp_path: Path, cfg: DataCo
     assert not (s3.cache_hit or s4.cache_hit or s5.cache_hit) and len(ds5) == 3
 
 
-def test_main_builds_then_others_load(tmp_path: Path, cfg: DataConfig, tok) -> None:
+def test_main_builds_then_others_load(
+    tmp_path: Path, cfg: DataConfig, tok, tokenize_calls: list[int]
+) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", RECORDS)
     events: list[str] = []
     # A non-main rank whose barrier runs before anyone built the cache fails clearly.
     with pytest.raises(DataError, match="missing after the barrier"):
         load_tokenized(path, tok, cfg, is_main=False, barrier=lambda: events.append("b"))
-    calls = tokenize_mod._Tokenize.calls
+    calls = len(tokenize_calls)
     load_tokenized(path, tok, cfg, is_main=True, barrier=lambda: events.append("main"))
     ds, stats = load_tokenized(path, tok, cfg, is_main=False, barrier=lambda: None)
     assert events == ["b", "main"] and stats.cache_hit and len(ds) == 4
-    assert tokenize_mod._Tokenize.calls == calls + 1  # one batch, tokenised by main only
+    assert len(tokenize_calls) == calls + 1  # one batch, tokenised by main only
 
 
 def test_build_dataloader_batches(tmp_path: Path, cfg: DataConfig, tok) -> None:
