@@ -23,7 +23,8 @@ and reports per optimizer step and per rank:
   carries the L gate values per row);
 * ``rep MB``: what replication moves instead (ZeRO-3: all-gather in forward, again
   in backward, reduce-scatter of grads): ``3 (W-1)/W E R (D_in + D_out)`` values
-  per linear (the DESIGN cost model ``~E r (d_in + d_out)`` times 3);
+  per linear (docs/design.md, "Expert parallelism and dispatch": replicating
+  moves about ``E R (D_in + D_out)`` values, here times 3);
 * step times (ms, median of the timed steps) of both modes.
 
 The crossover ``T*`` is where the byte counts are equal (token dispatch moves

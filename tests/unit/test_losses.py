@@ -1,4 +1,4 @@
-"""Aux losses against values computed by hand from DESIGN section 3."""
+"""Aux losses against values computed by hand from docs/design.md, "Auxiliary losses"."""
 
 import math
 
