@@ -15,8 +15,8 @@ sums, an optional gather (``aux_loss_scope = "global_batch"``) joins them over
 ranks, and the loss of the joined sums equals the loss a single process holding
 every rank's samples computes.
 
-Deliberate difference from the official LoRAMoE code (documented in
-docs/design.md): the official code sums Q over padding positions; here padding
+Deliberate difference from the official LoRAMoE code (docs/design.md,
+"Localized balancing constraint"): the official code sums Q over padding positions; here padding
 is masked. Both sum the per-linear losses over all adapted linears.
 """
 
@@ -143,9 +143,9 @@ def lbc_optimal_shares(
     so Z takes four values ``x = (z_k^know, z_d^know, z_k^down, z_d^down)`` with
     multiplicities ``c``; minimising ``x^T C x`` with ``1^T C x`` fixed and both
     record types summing to the same length is a linear KKT system
-    (docs/design.md). For even E (or one record type) Z becomes uniform and the
-    shares are ``(1 -/+ delta)/2`` (published) / ``(1 +/- delta)/2`` (intended)
-    for knowledge / downstream records.
+    (docs/design.md, "Localized balancing constraint"). For even E (or one
+    record type) Z becomes uniform and the shares are ``(1 -/+ delta)/2``
+    (published) / ``(1 +/- delta)/2`` (intended) for knowledge / downstream records.
 
     Returns:
         (share of the knowledge group for knowledge records, for downstream records);
