@@ -9,7 +9,7 @@ The bank stores ``a_ERD`` (so ``A_cat = a_ERD.view(E*R, D)`` is the paper's
 
 * Soft routing (every token, every expert): two GEMMs,
   ``h = x @ A_cat^T``, scale each R-wide block of ``h`` by ``s * g_e``,
-  ``y = y0 + h @ B_cat^T`` (docs/design.md). The LoRA scale ``s`` and the gates
+  ``y = y0 + h @ B_cat^T`` (docs/design.md, "Fused experts"). The LoRA scale ``s`` and the gates
   are applied to the thin ``T x E*R`` matrix ``h`` and the base output ``y0`` is
   added by the second GEMM itself (``addmm``), so no extra pass over a
   ``T x O`` tensor is made for either.

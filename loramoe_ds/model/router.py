@@ -4,7 +4,7 @@ Shape legend: T tokens, D input dim, E experts, K experts per token.
 
 The router is a bias-free linear ``W_r: E x D`` applied to the *undropped*
 input; its logits and the softmax are computed in fp32 whatever the activation
-dtype (docs/design.md). The fp32 copy of a low-precision activation is
+dtype (docs/design.md, "Routers"). The fp32 copy of a low-precision activation is
 transient: the backward keeps the activation the base linear keeps anyway
 (:class:`_RouterLogits`), not a second fp32 copy of it.
 """
