@@ -1,6 +1,6 @@
 """Fixtures and markers for the launch integration tests."""
 
-from slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
+from slurm_cluster import slurm_cluster, slurm_two_nodes  # noqa: F401  (pytest fixtures)
 
 
 def pytest_configure(config):

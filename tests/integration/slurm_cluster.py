@@ -1,4 +1,4 @@
-"""A real single-node Slurm cluster for tests, all state under one scratch directory.
+"""A real Slurm cluster for tests on this machine, all state under one scratch directory.
 
 A minimal slurmctld + slurmd + munge setup (no systemd, no cgroups), with a
 private ``munged`` (own key, socket and pid file under the scratch
@@ -8,6 +8,13 @@ dir, wired into Slurm with ``AuthInfo=socket=...``) and free TCP ports instead o
 and the Debian packages::
 
     apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge libpmix-dev
+
+``nodes=2`` starts two ``slurmd`` on this machine, nodes ``n1`` and ``n2``
+(``NodeHostname=localhost``, each its own ``Port``, spool directory, pid and log
+file via ``%n``), so a job really spans two Slurm nodes: two allocations, one
+task launch per node, node-level drain/resume. Their processes share the
+loopback interface, so clients pass ``LORAMOE_MASTER_ADDR=127.0.0.1`` to the
+batch script (the node names do not resolve).
 
 Every daemon is stopped through its pid file in :meth:`LocalSlurm.stop`, which
 also runs when :meth:`LocalSlurm.start` fails half way. Use the ``slurm_cluster``
@@ -67,18 +74,22 @@ MinJobAge=600
 KillWait=10
 MailProg=/bin/true
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{node_lines}
+PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
+NODE_LINE = (
+    "NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+    "RealMemory=4000 State=UNKNOWN"
+)
 
 
 def slurm_missing_reason() -> str | None:
@@ -112,23 +123,26 @@ def _free_port() -> int:
 
 
 class LocalSlurm:
-    """Controller + one node (``localhost``, partition ``debug``) under ``root``.
+    """Controller + nodes (partition ``debug``) under ``root``.
 
     Args:
         root: Scratch directory for config, state, spool, logs and pid files.
-        cpus: CPUs the node advertises (tasks per node the tests may ask for).
+        cpus: CPUs each node advertises (tasks per node the tests may ask for).
+        nodes: 1: one node named ``localhost``; N > 1: nodes ``n1`` .. ``nN``,
+            one ``slurmd`` each.
     """
 
-    def __init__(self, root: Path, cpus: int = 2) -> None:
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1) -> None:
         self.root = Path(root)
         self.cpus = cpus
+        self.node_names = ["localhost"] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
         self.conf = self.root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         for var in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_"))]:
             if var != "SLURM_CONF":
                 del self.env[var]  # never inherit an outer job's settings
         self._pid_files = {
-            "slurmd": self.root / "slurmd.pid",
+            **{f"slurmd-{n}": self.root / f"slurmd-{n}.pid" for n in self.node_names},
             "slurmctld": self.root / "slurmctld.pid",
             "munged": self.root / "munge" / "munged.pid",
         }
@@ -152,7 +166,8 @@ class LocalSlurm:
 
     def _start(self, timeout: float) -> None:
         munge_dir = self.root / "munge"
-        for d in (munge_dir, self.root / "state", self.root / "spool"):
+        spools = [self.root / "spool" / n for n in self.node_names]
+        for d in (munge_dir, self.root / "state", *spools):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(munge_dir, 0o755)
         key = munge_dir / "munge.key"
@@ -167,7 +182,11 @@ class LocalSlurm:
                 root=self.root,
                 ctld_port=_free_port(),
                 slurmd_port=_free_port(),
-                cpus=self.cpus,
+                node_lines="\n".join(
+                    NODE_LINE.format(name=n, port=_free_port(), cpus=self.cpus)
+                    for n in self.node_names
+                ),
+                node_list=",".join(self.node_names),
             )
         )
         subprocess.run(
@@ -185,8 +204,10 @@ class LocalSlurm:
         )
         subprocess.run([_which("slurmctld")], check=True, env=self.env)
         self._wait(lambda: self._scontrol_ok(["ping"]), timeout, "slurmctld to answer ping")
-        subprocess.run([_which("slurmd"), "-N", "localhost"], check=True, env=self.env)
-        self._wait(self._node_idle, timeout, "node localhost to become IDLE")
+        for n in self.node_names:
+            subprocess.run([_which("slurmd"), "-N", n], check=True, env=self.env)
+        for n in self.node_names:
+            self._wait(lambda n=n: self._node_idle(n), timeout, f"node {n} to become IDLE")
 
     def stop(self) -> None:
         """Cancel all jobs, then stop slurmd, slurmctld and munged by pid file."""
@@ -200,7 +221,7 @@ class LocalSlurm:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self._jobs_running():
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(f"slurmd-{n}" for n in self.node_names), "slurmctld", "munged"]:
             self._kill(name)
 
     def __enter__(self) -> LocalSlurm:
@@ -255,10 +276,20 @@ class LocalSlurm:
             job_id, lambda i: i.get("JobState") in TERMINAL_STATES, timeout, "a terminal state"
         )
 
+    def scontrol(self, *args: str) -> str:
+        """Run ``scontrol ARGS`` (e.g. ``update NodeName=n2 State=DRAIN Reason=x``); stdout."""
+        res = subprocess.run(
+            [_which("scontrol"), *args], env=self.env, capture_output=True, text=True, timeout=30
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"scontrol {' '.join(args)}: {res.stderr}")
+        return res.stdout
+
     def log_tails(self, lines: int = 15) -> str:
         """Last lines of the daemon logs, for failure messages."""
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "munge/munged.log"):
+        slurmd_logs = [f"slurmd-{n}.log" for n in self.node_names]
+        for name in ("slurmctld.log", *slurmd_logs, "munge/munged.log"):
             path = self.root / name
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
@@ -273,9 +304,9 @@ class LocalSlurm:
         )
         return res.returncode == 0 and "DOWN" not in res.stdout
 
-    def _node_idle(self) -> bool:
+    def _node_idle(self, node: str = "localhost") -> bool:
         res = subprocess.run(
-            [_which("scontrol"), "show", "node", "-o", "localhost"],
+            [_which("scontrol"), "show", "node", "-o", node],
             env=self.env,
             capture_output=True,
             text=True,
@@ -346,6 +377,18 @@ def require_slurm() -> None:
     if os.environ.get("LORAMOE_REQUIRE_SLURM"):
         pytest.fail(f"LORAMOE_REQUIRE_SLURM is set but {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
+    """A running local Slurm with nodes ``n1`` and ``n2``; stopped afterwards, even on failure."""
+    require_slurm()
+    root = Path(tmp_path_factory.mktemp("slurm2", numbered=True))
+    cluster = LocalSlurm(root, cpus=max(2, os.cpu_count() or 2), nodes=2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")
