@@ -73,6 +73,7 @@ class ExpertBank(nn.Module):
         out_TO: torch.Tensor | None = None,
         scale: float = 1.0,
         row_scale_N: torch.Tensor | None = None,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """Entry point (so ZeRO-3's module hooks gather the bank when it is partitioned).
 
@@ -83,7 +84,7 @@ class ExpertBank(nn.Module):
         if (gates_TE is None) == (counts_E is None):
             raise ValueError("pass exactly one of gates_TE (soft) or counts_E (grouped)")
         if gates_TE is not None:
-            return self.soft(x, gates_TE, out_TO, scale)
+            return self.soft(x, gates_TE, out_TO, scale, inplace)
         return self.grouped(x, counts_E, row_scale_N)
 
     def soft(
@@ -92,6 +93,7 @@ class ExpertBank(nn.Module):
         gates_TE: torch.Tensor,
         out_TO: torch.Tensor | None = None,
         scale: float = 1.0,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """``out + scale * sum_e g_e B_e A_e x`` for every token: two GEMMs.
 
@@ -106,21 +108,33 @@ class ExpertBank(nn.Module):
             out_TO: Added to the result (the base output); ``None``: zeros.
             scale: Factor on the mixture (the LoRA ``alpha / r``, times the
                 dropout's ``1 / (1 - p)`` when the caller left it out of ``x``).
+            inplace: Add into ``out_TO`` itself (``addmm_``; the caller owns it
+                and nothing saved it for a backward) instead of a new tensor.
 
         Returns:
             ``y_TO`` in ``x``'s dtype (``out_TO``'s when it is given).
         """
-        E, R, dt = self.num_experts, self.rank, x_TD.dtype
-        a_XD = self.lora_A.reshape(E * R, self.in_features).to(dt)
+        a_XD = self.lora_A.reshape(-1, self.in_features).to(x_TD.dtype)
+        return self.up(x_TD @ a_XD.t(), gates_TE, out_TO, scale, inplace)
+
+    def up(
+        self,
+        h_TX: torch.Tensor,
+        gates_TE: torch.Tensor,
+        out_TO: torch.Tensor | None = None,
+        scale: float = 1.0,
+        inplace: bool = False,
+    ) -> torch.Tensor:
+        """The second half of :meth:`soft`, from ``h = x A_cat^T`` (``T x E*R``)."""
+        E, R, dt = self.num_experts, self.rank, h_TX.dtype
         b_XO = self.lora_B.reshape(E * R, self.out_features).to(dt)
         g_TE = gates_TE * scale if scale != 1.0 else gates_TE
-        h_TX = x_TD @ a_XD.t()
-        h_TX = (h_TX.view(-1, E, R) * g_TE.to(dt).unsqueeze(-1)).view(-1, E * R)
+        h_TX = (h_TX.reshape(-1, E, R) * g_TE.to(dt).unsqueeze(-1)).view(-1, E * R)
         if out_TO is None:
             return h_TX @ b_XO
         if out_TO.dtype != dt:
             return out_TO + (h_TX @ b_XO).to(out_TO.dtype)
-        return torch.addmm(out_TO, h_TX, b_XO)
+        return out_TO.addmm_(h_TX, b_XO) if inplace else torch.addmm(out_TO, h_TX, b_XO)
 
     def grouped(
         self, x_ND: torch.Tensor, counts_E: torch.Tensor, row_scale_N: torch.Tensor | None = None
@@ -278,6 +292,7 @@ def local_mixture(
     topk_impl: str = "auto",
     out_TO: torch.Tensor | None = None,
     scale: float = 1.0,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """All experts on this device: ``out + scale * sum_k g_k B_{e_k} A_{e_k} x`` per token.
 
@@ -300,12 +315,13 @@ def local_mixture(
         out_TO: Added to the result (the base output, so that the sum costs no
             extra pass); ``None``: zeros.
         scale: Factor on the mixture (folded into the gates).
+        inplace: ``out_TO`` is the caller's scratch tensor, updated in place.
 
     Returns:
         ``y_TO``.
     """
     if routing.is_soft:
-        return bank(x_TD, gates_TE=routing.gates_TK, out_TO=out_TO, scale=scale)
+        return bank(x_TD, gates_TE=routing.gates_TK, out_TO=out_TO, scale=scale, inplace=inplace)
     if topk_impl not in TOPK_IMPLS:
         raise ValueError(f"topk_impl={topk_impl!r}: valid values {list(TOPK_IMPLS)}")
     T, K = routing.experts_TK.shape
@@ -319,7 +335,7 @@ def local_mixture(
             keep_N = torch.zeros(T * K, dtype=torch.bool, device=x_TD.device)
             keep_N[order_N] = True
         g_TE = dense_gates(routing.gates_TK, routing.experts_TK, E, keep_N)
-        return bank(x_TD, gates_TE=g_TE, out_TO=out_TO, scale=scale)
+        return bank(x_TD, gates_TE=g_TE, out_TO=out_TO, scale=scale, inplace=inplace)
     order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap)
     token_N = order_N // K
     c_N = routing.gates_TK.reshape(-1).index_select(0, order_N)
@@ -327,4 +343,5 @@ def local_mixture(
     y_NO = bank(x_TD.index_select(0, token_N), counts_E=counts_E, row_scale_N=c_N)
     if out_TO is None:
         out_TO = y_NO.new_zeros(T, bank.out_features)
-    return out_TO.index_add(0, token_N, y_NO.to(out_TO.dtype))
+    y_NO = y_NO.to(out_TO.dtype)
+    return out_TO.index_add_(0, token_N, y_NO) if inplace else out_TO.index_add(0, token_N, y_NO)

@@ -155,7 +155,14 @@ class MoELoRALinear(nn.Module):
         else:
             assert self.experts is not None, "expert bank detached but no dispatcher set"
             out_TO = local_mixture(
-                self.experts, xd_TD, routing, self.capacity_factor, self.topk_impl, y_TO, scale
+                self.experts,
+                xd_TD,
+                routing,
+                self.capacity_factor,
+                self.topk_impl,
+                y_TO,
+                scale,
+                True,
             )
         if self.recorder is not None:
             self.recorder.record(self, routing)

@@ -121,7 +121,10 @@ class Router(nn.Module):
         Returns:
             The :class:`Routing` (all fp32).
         """
-        logits_TE = _RouterLogits.apply(x_TD, self.weight)
+        return self.route(_RouterLogits.apply(x_TD, self.weight))
+
+    def route(self, logits_TE: torch.Tensor) -> Routing:
+        """The routing decision (probabilities, gates, experts) from fp32 logits ``W_r x``."""
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.mode == "soft":
             gates_TE = probs_TE
@@ -129,14 +132,12 @@ class Router(nn.Module):
                 gates_TE = torch.full_like(probs_TE, 1.0 / self.num_experts)
             return Routing(logits_TE, probs_TE, gates_TE, None)
         if self.uniform:
-            T = x_TD.shape[0]
-            start_T = torch.arange(T, device=x_TD.device) % self.num_experts
-            offs_K = torch.arange(self.top_k, device=x_TD.device)
+            T, dev = logits_TE.shape[0], logits_TE.device
+            start_T = torch.arange(T, device=dev) % self.num_experts
+            offs_K = torch.arange(self.top_k, device=dev)
             experts_TK = (start_T[:, None] + offs_K[None, :]) % self.num_experts
-            gates_TK = torch.full(
-                (T, self.top_k), 1.0 / self.top_k, device=x_TD.device, dtype=torch.float32
-            )
-            return Routing(logits_TE, probs_TE, gates_TK, experts_TK)
+            gates_TK = torch.full((T, self.top_k), 1.0 / self.top_k, device=dev)
+            return Routing(logits_TE, probs_TE, gates_TK.float(), experts_TK)
         top_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.top_k == 1:
             return Routing(logits_TE, probs_TE, top_TK, experts_TK)  # Switch: g = p_max
