@@ -282,14 +282,15 @@ def _set_engine_tensor(engine, p: torch.nn.Parameter, value: torch.Tensor, key: 
 
 def _init_adam_state(optimizer: torch.optim.Optimizer, tensors, step: int) -> None:
     """Create torch AdamW state (zero moments, ``step``) for ``tensors`` of ``optimizer``."""
-    for g in optimizer.param_groups:
-        on_device = g.get("capturable", False) or g.get("fused", False)
-        break
+    on_device = any(g.get("capturable") or g.get("fused") for g in optimizer.param_groups)
+    torch_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     for t in tensors:
         st = optimizer.state[t]
-        st["step"] = torch.tensor(
-            float(step), dtype=torch.float32, device=t.device if on_device else "cpu"
-        )
+        if torch_adam:  # torch keeps the step as a 0-dim tensor; DeepSpeed's CPU Adam an int
+            dev = t.device if on_device else "cpu"
+            st["step"] = torch.tensor(float(step), dtype=torch.float32, device=dev)
+        else:
+            st["step"] = int(step)
         for k in ADAM_KEYS:
             if k not in st:
                 st[k] = torch.zeros_like(t, memory_format=torch.preserve_format)
@@ -562,7 +563,7 @@ def load_checkpoint(trainer, directory: str | Path, tag: str | None = None):
     meta = read_meta(ckpt)
     check_compatible(meta, _current(trainer), ckpt)
     params = load_file(str(ckpt / ADAPTER_WEIGHTS))
-    optim = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
+    optim = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True)
     state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
     _load_engine_state(trainer, params, optim)
     _load_expert_state(trainer, params, optim)

@@ -21,6 +21,7 @@ from loramoe_ds.run_config import load_run_config
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 SAVED = "(saved at world size 2, ep_size 2)"
+DOC = (ROOT / "docs" / "troubleshooting.md").read_text()
 
 
 @pytest.fixture
@@ -72,6 +73,8 @@ def test_refused_before_any_process_group(ckpt, tmp_path, world, overrides, mess
     with pytest.raises(ValueError) as e:
         _plan(tmp_path, world, *overrides)
     assert SAVED in str(e.value) and message in str(e.value), str(e.value)
+    phrase = message.split(": ")[-1].split(" (")[0].split(" saved")[0]
+    assert phrase in DOC, f"docs/troubleshooting.md does not list: {phrase}"
 
 
 def test_unknown_format_and_missing_directory(ckpt, tmp_path):
