@@ -69,6 +69,33 @@ def dropped_positions(n: int, p: float, device: torch.device | str | None = None
     return pos[pos < n]
 
 
+class _ZeroAt(torch.autograd.Function):
+    """``x`` with the flat positions ``drop_P`` set to 0; the backward zeroes the same
+    positions of the gradient.
+
+    The backward writes into the incoming gradient when it is a contiguous tensor
+    of its own (not a view): the only consumers of the dropped input are the
+    expert GEMM / row gather / dispatch, whose backward returns a fresh tensor,
+    so this saves a copy of a ``T x D`` gradient per adapted linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, drop_P):  # noqa: D102
+        ctx.save_for_backward(drop_P)
+        out = x.clone(memory_format=torch.contiguous_format)
+        out.view(-1).index_fill_(0, drop_P, 0.0)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        (drop_P,) = ctx.saved_tensors
+        if not g.is_contiguous() or g._base is not None:
+            g = g.clone(memory_format=torch.contiguous_format)
+        g.view(-1).index_fill_(0, drop_P, 0.0)
+        return g, None
+
+
 class Dispatcher(Protocol):
     """Computes ``sum_k g_k B_{e_k} A_{e_k} x`` (unscaled) for T tokens."""
 
@@ -139,8 +166,8 @@ class MoELoRALinear(nn.Module):
         if p == 0 or not self.training:
             return x_TD, 1.0
         if x_TD.device.type == "cpu" and p <= SPARSE_DROPOUT_MAX_P:
-            drop = dropped_positions(x_TD.numel(), p, x_TD.device)
-            return x_TD.reshape(-1).index_fill(0, drop, 0.0).view_as(x_TD), 1.0 / (1.0 - p)
+            drop_P = dropped_positions(x_TD.numel(), p, x_TD.device)
+            return _ZeroAt.apply(x_TD, drop_P), 1.0 / (1.0 - p)
         return nn.functional.dropout(x_TD, p, training=True), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

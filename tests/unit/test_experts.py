@@ -322,3 +322,22 @@ def test_ep_dispatcher_fp32_equals_local_and_bf16_gemms(one_rank_group, mode, k)
     ]
     assert bank.lora_A.grad.dtype == torch.float32 and bank.lora_B.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), exp.detach(), atol=0.05, rtol=0.02)
+
+
+def test_sparse_dropout_gradient_is_the_mask_for_any_incoming_gradient():
+    """The in-place backward of the CPU dropout also handles an expanded gradient."""
+    from loramoe_ds.model.moe_linear import _ZeroAt, dropped_positions
+
+    x = torch.randn(6, 10, requires_grad=True)
+    torch.manual_seed(0)
+    pos = dropped_positions(x.numel(), 0.2)
+    keep = torch.ones(60).index_fill(0, pos, 0.0).view(6, 10)
+    xd = _ZeroAt.apply(x, pos)
+    torch.testing.assert_close(xd, x * keep, atol=0, rtol=0)
+    xd.sum().backward()  # stride-0 gradient
+    torch.testing.assert_close(x.grad, keep, atol=0, rtol=0)
+    x.grad = None
+    w = torch.randn(10, 3)
+    g = torch.randn(6, 3)
+    (_ZeroAt.apply(x, pos) @ w).backward(g)  # fresh gradient, zeroed in place
+    torch.testing.assert_close(x.grad, (g @ w.t()) * keep, atol=0, rtol=0)
