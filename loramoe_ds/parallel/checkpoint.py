@@ -22,8 +22,9 @@ banks) from DeepSpeed's partitioned fp32 master weights and Adam moments
 (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, collectives);
 expert shards and their expert-AdamW moments by an all-gather over the EP group
 (global expert ``ep_rank * L + i``, ``L = E / P``). Loading slices what this rank
-owns under the *new* topology: ZeRO parameters through the same DeepSpeed
-accessors (then the working low-precision copy is refreshed), EP shards as
+owns under the *new* topology: ZeRO parameters through
+:mod:`~loramoe_ds.parallel.zero_state` (the one user of DeepSpeed optimizer
+internals; the working low-precision copy is refreshed), EP shards as
 global experts ``[ep_rank * L, (ep_rank + 1) * L)``. Both are exact copies, so a
 resume at the same topology continues bit for bit, and one at another topology
 continues the same optimisation (same data per step when the global batch is
@@ -57,6 +58,8 @@ import torch.distributed as dist
 
 from loramoe_ds.io import atomic_dir, atomic_write_text
 from loramoe_ds.model.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from loramoe_ds.parallel import zero_state
+from loramoe_ds.parallel.zero_state import ADAM_KEYS
 
 LATEST = "latest"
 META = "loramoe_meta.json"
@@ -65,7 +68,6 @@ TRAINER_STATE = "trainer_state.pt"
 TAG_PREFIX = "global_step"
 CHECKPOINT_FORMAT = 2
 """Version 2: full, topology-independent state (1 was DeepSpeed's per-rank files)."""
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 BASE_IDENTITY_KEYS = (
     "model_type",
     "vocab_size",
@@ -168,34 +170,6 @@ def full_adapter_state(trainer) -> dict[str, torch.Tensor]:
     return gather_adapter(trainer.model, trainer.groups, full, lambda p: p.detach().float())
 
 
-def _inner_optimizer(engine) -> torch.optim.Optimizer:
-    from loramoe_ds.lr_schedule import _torch_optimizer
-
-    return _torch_optimizer(engine.optimizer)
-
-
-def _hp_tensors(engine) -> list[torch.Tensor]:
-    """The fp32 tensors the engine's torch optimizer steps (ZeRO flat partitions or params)."""
-    opt = engine.optimizer
-    for attr in (
-        "fp32_partitioned_groups_flat",
-        "single_partition_of_fp32_groups",
-        "fp32_groups_flat_partition",
-    ):  # fmt: skip  ZeRO-3, ZeRO-1/2, bf16
-        if hasattr(opt, attr):
-            return list(getattr(opt, attr))
-    return [p for g in _inner_optimizer(engine).param_groups for p in g["params"]]
-
-
-def _adam_step(optimizer: torch.optim.Optimizer | None) -> int | None:
-    if optimizer is None:
-        return None
-    for st in optimizer.state.values():
-        if "step" in st:
-            return int(float(st["step"]))
-    return None
-
-
 def full_optimizer_state(trainer) -> dict[str, Any] | None:
     """Adam step and moments of every adapter tensor, unsharded, CPU (collective).
 
@@ -203,8 +177,8 @@ def full_optimizer_state(trainer) -> dict[str, Any] | None:
     """
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    inner = _inner_optimizer(trainer.engine)
-    step_e, step_x = _adam_step(inner), _adam_step(trainer.expert_optimizer)
+    inner = zero_state.inner_optimizer(trainer.engine)
+    step_e, step_x = zero_state.adam_step(inner), zero_state.adam_step(trainer.expert_optimizer)
     if step_e is None:
         return None
     out: dict[str, Any] = {}
@@ -249,82 +223,23 @@ def _local_shards(trainer) -> dict[str, tuple[torch.nn.Parameter, int, int]]:
     return out
 
 
-# -- writing ZeRO / engine state -------------------------------------------------
-def _set_engine_tensor(engine, p: torch.nn.Parameter, value: torch.Tensor, key: str | None):
-    """Set the fp32 master weight (``key=None``) or an Adam moment of one engine parameter."""
-    opt = engine.optimizer
-    value = value.to(torch.float32)
-    if hasattr(p, "ds_id"):  # ZeRO-3: write this rank's slice (tolerates padded partitions)
-        frag, _ = opt._get_fp32_opt_state_partition(
-            p, release_swap_buffers=False, optim_state_key=key
-        )
-        n = frag.numel()
-        flat = value.flatten()
-        lo = n * opt._get_param_partition_rank(p)
-        piece = flat[lo : min(lo + n, flat.numel())]
-        frag.data.zero_()
-        frag.data[: piece.numel()].copy_(piece.to(frag.device))
-    elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        if key is None:
-            p.set_full_hp_param(value.to(p.device))
-        else:
-            safe_set_full_optimizer_state(p, value.to(p.device), key)
-    elif hasattr(p, "_hp_mapping"):  # a partition owning no fragment of p
-        return
-    elif key is None:
-        with torch.no_grad():
-            p.data.copy_(value.to(p.device, p.dtype))
-    else:
-        _inner_optimizer(engine).state[p][key].copy_(value.to(p.device))
-
-
-def _init_adam_state(optimizer: torch.optim.Optimizer, tensors, step: int) -> None:
-    """Create torch AdamW state (zero moments, ``step``) for ``tensors`` of ``optimizer``."""
-    on_device = any(g.get("capturable") or g.get("fused") for g in optimizer.param_groups)
-    torch_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-    for t in tensors:
-        st = optimizer.state[t]
-        if torch_adam:  # torch keeps the step as a 0-dim tensor; DeepSpeed's CPU Adam an int
-            dev = t.device if on_device else "cpu"
-            st["step"] = torch.tensor(float(step), dtype=torch.float32, device=dev)
-        else:
-            st["step"] = int(step)
-        for k in ADAM_KEYS:
-            if k not in st:
-                st[k] = torch.zeros_like(t, memory_format=torch.preserve_format)
-
-
-def _refresh_low_precision(engine) -> None:
-    """Copy the fp32 master weights into the working copies the forward reads."""
-    opt = engine.optimizer
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        for i in range(len(opt.fp32_partitioned_groups_flat)):
-            opt._reassign_or_swap_out_partitioned_parameters(i)
-        if opt.persistent_parameters:
-            opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
-    elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16 optimizer
-        opt.update_lp_params()
-
-
 def _load_engine_state(trainer, params, optim) -> None:
     engine = trainer.engine
     named = _engine_params(trainer)
     for n, p in named.items():
-        _set_engine_tensor(engine, p, params[n], None)
+        zero_state.set_engine_tensor(engine, p, params[n], None)
     if optim is not None:
         steps = {optim["step"][n] for n in named}
         if len(steps) != 1:
             raise ValueError(f"checkpoint: engine tensors have different Adam steps {steps}")
-        _init_adam_state(_inner_optimizer(engine), _hp_tensors(engine), steps.pop())
-        if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
-            engine.optimizer._hp_optimizer_states_linked = False
-            engine.optimizer._lazy_init_hp_params_optimizer_state()
+        zero_state.init_adam_state(
+            zero_state.inner_optimizer(engine), zero_state.hp_tensors(engine), steps.pop()
+        )
+        zero_state.link_adam_state(engine)
         for key in ADAM_KEYS:
             for n, p in named.items():
-                _set_engine_tensor(engine, p, optim[key][n], key)
-    _refresh_low_precision(engine)
+                zero_state.set_engine_tensor(engine, p, optim[key][n], key)
+    zero_state.refresh_low_precision(engine)
 
 
 def _load_expert_state(trainer, params, optim) -> None:
@@ -333,7 +248,7 @@ def _load_expert_state(trainer, params, optim) -> None:
         for n, (p, lo, L) in _local_shards(trainer).items():
             p.copy_(params[n][lo : lo + L].to(p.device, p.dtype))
             if optim is not None:
-                _init_adam_state(opt, [p], optim["step"][n])
+                zero_state.init_adam_state(opt, [p], optim["step"][n])
                 for key in ADAM_KEYS:
                     opt.state[p][key].copy_(optim[key][n][lo : lo + L].to(p.device))
 
@@ -574,7 +489,9 @@ def load_checkpoint(trainer, directory: str | Path, tag: str | None = None):
     e.micro_steps = state["global_step"] * int(e.gradient_accumulation_steps())
     if state["lr_scheduler"] is not None and getattr(e, "lr_scheduler", None) is not None:
         e.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    opts = [_inner_optimizer(e)] + ([trainer.expert_optimizer] if trainer.expert_optimizer else [])
+    opts = [zero_state.inner_optimizer(e)] + (
+        [trainer.expert_optimizer] if trainer.expert_optimizer else []
+    )
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = state["lr"]

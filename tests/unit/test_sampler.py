@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loramoe_ds.data import Collator, ResumableDistributedSampler, StatefulLoader
+from loramoe_ds.data.sampler import PackedDistributedSampler
 
 
 def _epoch(n: int, world: int, rank: int, epoch: int, seed: int = 0) -> list[int]:
@@ -118,6 +119,34 @@ def test_resume_on_other_world_size(w1: int, w2: int) -> None:
     rest, s2 = _steps(50, w2, 8 // w2, 1, 8, epochs=2, start=state)
     assert full[3:] == rest[: len(full) - 3]
     assert s2.position == 0 and s2.epoch == 2
+
+
+def test_packed_rows_per_step_topology_independent_and_resumable() -> None:
+    """Packed rows, global batch 4 rows: the rows of each step are the same on 1, 2 and 4
+    ranks, and a row position saved on 2 ranks continues on 4 ranks."""
+    lengths = [5 + (7 * i) % 40 for i in range(120)]
+
+    def step_rows(world: int, start=None) -> list[list[tuple[int, ...]]]:
+        samplers = [PackedDistributedSampler(lengths, 64, world, r, seed=2, global_batch=4)
+                    for r in range(world)]  # fmt: skip
+        for s in samplers:
+            if start is not None:
+                s.load_state_dict(start)
+        per = [list(s) for s in samplers]
+        k = 4 // world  # rows per rank per step (micro-batch 4 / W, GAS 1)
+        return [sorted(tuple(row) for p in per for row in p[g * k : (g + 1) * k])
+                for g in range(len(per[0]) // k)]  # fmt: skip
+
+    ref = step_rows(1)
+    n_rows = len(PackedDistributedSampler(lengths, 64, 1, 0, seed=2).rows(0))
+    assert len(ref) == n_rows // 4 and n_rows % 4  # whole steps; the tail rows dropped
+    assert step_rows(2) == ref and step_rows(4) == ref
+    two = PackedDistributedSampler(lengths, 64, 2, 1, seed=2, global_batch=4)
+    it = iter(two)
+    for _ in range(6):  # 3 steps of 2 rows on this rank
+        next(it)
+    assert two.state_dict()["global_position"] == 12
+    assert step_rows(4, start=two.state_dict()) == ref[3:]
 
 
 class _Toy(torch.utils.data.Dataset):
