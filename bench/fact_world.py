@@ -13,10 +13,10 @@ Everything is deterministic from ``WorldConfig.seed``:
 - Facts are split in half per fact: ``train`` facts may appear in the SFT mix
   (the LoRAMoE world-knowledge records, ``task_type`` 1); ``heldout`` facts are
   seen only in pretraining and are the knowledge test set (all of them).
-- Downstream tasks (``task_type`` 0) operate on the world's own words, so they
-  compete with the QA behaviour exactly like real SFT does: ``reverse`` (the
-  words of a list, backwards), ``last`` (the last word), ``count`` (number of
-  words) and ``sort`` (a list of digits, ascending).
+- Downstream tasks (``task_type`` 0), never seen in pretraining, on lists of 3-7
+  digits: the ``first``, the ``last`` and the largest (``max``) digit, and
+  ``count`` (how many). Their answers are digits, so after SFT a model that
+  has lost the QA behaviour answers knowledge questions with digits.
 
 Records are ``{"prompt": [ids], "answer": [ids], "task": str, "task_type": int}``
 (``answer`` ends with ``</s>``); prompts are ``<s> <user> ... <asst>``.
@@ -42,17 +42,12 @@ RELATIONS = {
 }
 POOL = 24
 """Size of the shared answer pools (language, export)."""
-TASKS = ("reverse", "last", "count", "sort")
-SKILLS = ("repeat", "first")
-"""Generic skills of the pretraining mix (never in SFT): copying, so that the
-downstream tasks build on an LM that can already attend to its prompt."""
+TASKS = ("first", "last", "count", "max")
 TASK_PROMPTS = {
-    "repeat": "repeat the words : {}",
-    "first": "what is the first word : {}",
-    "reverse": "reverse the words : {}",
-    "last": "what is the last word : {}",
-    "count": "how many words : {}",
-    "sort": "sort the digits : {}",
+    "first": "what is the first digit : {}",
+    "last": "what is the last digit : {}",
+    "count": "how many digits : {}",
+    "max": "what is the largest digit : {}",
 }
 _ONSETS = "b c d f g k l m n p r s t v z br dr gr kr pl st tr th sh".split()
 _VOWELS = "a e i o u ai ei ou ia".split()
@@ -123,7 +118,6 @@ class World:
         names = self.entities + [w for pool in self.pools.values() for w in pool]
         self.itos = list(SPECIALS) + template + digits + sorted(set(names))
         self.stoi = {w: i for i, w in enumerate(self.itos)}
-        self.word_pool = self.entities + self.pools["capital"] + self.pools["leader"]
 
     # -- tokens ------------------------------------------------------------
     @property
@@ -151,6 +145,10 @@ class World:
         q = RELATIONS[fact["relation"]].format(fact["entity"])
         rec = self.record(q, fact["answer"], "knowledge/" + fact["relation"], 1)
         rec["candidates"] = [self.stoi[w] for w in [fact["answer"], *fact["distractors"]]]
+        pool = self.pools[fact["relation"]]
+        rec["pool"] = [self.stoi[fact["answer"]]] + [
+            self.stoi[w] for w in pool if w != fact["answer"]
+        ]
         return rec
 
     def facts_of(self, split: str | None = None) -> list[dict[str, Any]]:
@@ -159,18 +157,17 @@ class World:
     # -- downstream tasks ---------------------------------------------------
     def task_record(self, task: str, rng: random.Random) -> dict[str, Any]:
         """One random example of a downstream task (``task_type`` 0)."""
-        if task == "sort":
-            items = [str(rng.randrange(10)) for _ in range(rng.randint(3, 6))]
-            ans = sorted(items)
+        items = [str(rng.randrange(10)) for _ in range(rng.randint(3, 7))]
+        if task == "first":
+            ans = items[:1]
+        elif task == "last":
+            ans = items[-1:]
+        elif task == "count":
+            ans = [str(len(items))]
+        elif task == "max":
+            ans = [max(items)]
         else:
-            items = rng.sample(self.word_pool, rng.randint(2, 6))
-            ans = {
-                "repeat": items,
-                "first": items[:1],
-                "reverse": items[::-1],
-                "last": items[-1:],
-                "count": [str(len(items))],
-            }[task]
+            raise ValueError(f"task={task!r}: valid tasks are {list(TASKS)}")
         return self.record(TASK_PROMPTS[task].format(" ".join(items)), " ".join(ans), task, 0)
 
     def downstream(self, per_task: int, split: str) -> list[dict[str, Any]]:
@@ -222,7 +219,7 @@ class PretrainConfig:
     hidden: int = 128
     intermediate: int = 384
     heads: int = 4
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
@@ -251,7 +248,19 @@ def build_model(vocab_size: int, pcfg: PretrainConfig) -> Any:
 
 
 def cache_key(wcfg: WorldConfig, pcfg: PretrainConfig) -> str:
-    blob = json.dumps({"world": asdict(wcfg), "pretrain": asdict(pcfg), "v": 2}, sort_keys=True)
+    """Hash of both configs *and* the generated world (vocabulary, facts, templates):
+    any change to the generator gives a new cache entry, never a stale model."""
+    world = World(wcfg)
+    blob = json.dumps(
+        {
+            "world": asdict(wcfg),
+            "pretrain": asdict(pcfg),
+            "itos": world.itos,
+            "facts": world.facts,
+            "relations": RELATIONS,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -268,9 +277,8 @@ def pretrained_base(
 ) -> tuple[Any, dict[str, Any]]:
     """The base model that knows the world's facts: loaded from the cache or pretrained.
 
-    Pretraining: AdamW, warmup + cosine; every batch is half QA records of
-    *every* fact (loss on the answer), half fresh examples of the generic
-    :data:`SKILLS` (copying). Saved atomically under
+    Pretraining: AdamW, warmup + cosine, on the QA records of *every* fact (loss
+    on the answer); the downstream tasks are never seen. Saved atomically under
     ``<cache_root>/fact_world/<hash of both configs>``.
 
     Returns:
@@ -296,20 +304,13 @@ def pretrained_base(
     warm = max(pcfg.steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, pcfg.steps, warm))
     rng = random.Random(pcfg.seed)
-    skill_rng = random.Random(f"skills/{pcfg.seed}")
     order: list[int] = []
-    n_fact = pcfg.batch_size // 2
     t0 = __import__("time").perf_counter()
     model.train()
     for step in range(pcfg.steps):
-        if len(order) < n_fact:
+        if len(order) < pcfg.batch_size:
             order += rng.sample(range(len(recs)), len(recs))
-        rows = [recs[order.pop()] for _ in range(n_fact)]
-        rows += [
-            world.task_record(skill_rng.choice(SKILLS), skill_rng)
-            for _ in range(pcfg.batch_size - n_fact)
-        ]
-        batch = collate(rows, device)
+        batch = collate([recs[order.pop()] for _ in range(pcfg.batch_size)], device)
         loss = lm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,6 +23,7 @@ import torch
 from fact_world import EOS, World, collate
 
 FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *FFN_TARGETS)
 EXPERTS = 6
 RANK = 4
 
@@ -38,17 +39,20 @@ class Method:
     lora_rank: int = 0
 
 
-def make_methods(delta: float = 0.1, beta: float = 0.1) -> dict[str, Method]:
+def make_methods(
+    delta: float = 0.1, beta: float = 0.1, targets: Sequence[str] = FFN_TARGETS
+) -> dict[str, Method]:
     """Full SFT, LoRA at LoRAMoE's total rank ``E*r``, LoRAMoE without / with both LBC
     variants (paper delta, beta), and MoLA top-2 ("2468" over the 4 layers); all
     adapters on the FFN ``gate/up/down_proj``, alpha 32 (LoRA ``alpha/(E*r)`` =
     LoRAMoE's mixture scale under uniform gates)."""
-    moe = dict(target_modules=FFN_TARGETS, rank=RANK, alpha=32.0, dropout=0.05)
+    moe = dict(target_modules=tuple(targets), rank=RANK, alpha=32.0, dropout=0.05)
     lbc = dict(moe, num_experts=EXPERTS, lbc_delta=delta, lbc_beta=beta)
     nolbc = dict(moe, num_experts=EXPERTS, lbc_beta=0.0)
     methods = [
         Method("full_sft", "full", "Full SFT"),
-        Method("lora", "lora", f"LoRA r={EXPERTS * RANK}", lora_rank=EXPERTS * RANK),
+        Method("lora", "lora", f"LoRA r={EXPERTS * RANK}", dict(target_modules=tuple(targets)),
+               lora_rank=EXPERTS * RANK),
         Method("loramoe_nolbc", "moe", "LoRAMoE, no LBC", nolbc),
         Method("loramoe_published", "moe", "LoRAMoE + LBC published",
                dict(lbc, lbc_variant="published")),
@@ -90,7 +94,10 @@ def build(method: Method, base: torch.nn.Module, seed: int) -> tuple[Any, list]:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(
-            r=method.lora_rank, lora_alpha=32, lora_dropout=0.05, target_modules=list(FFN_TARGETS)
+            r=method.lora_rank,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules=list(method.adapter["target_modules"]),
         )
         model = get_peft_model(lm, cfg)
         return model, [p for p in model.parameters() if p.requires_grad]
@@ -237,17 +244,21 @@ def gen_correct(generated: Sequence[int], gold: int, window: int = 4) -> tuple[b
 
 
 def score_knowledge(model: Any, world: World, device: str = "cpu") -> dict[str, Any]:
-    """Every held-out fact: LL ranking vs 3 distractors, tolerant and strict generation."""
+    """Every held-out fact: LL ranking vs 3 distractors and vs every other value of the
+    relation (``ll_pool_acc``: 24 or ``n_entities`` candidates), tolerant and strict
+    generation."""
     fn = logits_fn(model)
     recs = [world.fact_record(f) for f in world.facts_of("heldout")]
     lps = first_token_logprobs(fn, recs, device)
     gens = greedy(fn, recs, max_new=4, device=device)
     ll = [rank_correct(lp, r["candidates"]) for lp, r in zip(lps, recs)]
+    ll_pool = [rank_correct(lp, r["pool"]) for lp, r in zip(lps, recs)]
     gc = [gen_correct(g, r["candidates"][0]) for g, r in zip(gens, recs)]
     n = len(recs)
     return {
         "n": n,
         "ll_acc": sum(ll) / n,
+        "ll_pool_acc": sum(ll_pool) / n,
         "gen_acc": sum(t for t, _ in gc) / n,
         "gen_strict_acc": sum(s for _, s in gc) / n,
         "gold_logprob": statistics.fmean(float(lp[r["candidates"][0]]) for lp, r in zip(lps, recs)),

@@ -3,7 +3,8 @@
     python bench/specialisation.py [--out runs/specialisation] [--docs docs]
         [--steps 300] [--delta 0.1] [--beta 0.1] [--router-lr-mult 10] [--quick]
 
-LoRAMoE (6 rank-4 experts on the FFN linears) is fine-tuned on the fact world
+LoRAMoE (6 rank-4 experts on every linear of the 4 layers, as in
+``bench/forgetting.py``; ``--targets ffn`` for the FFN only) is fine-tuned on the fact world
 (``bench/fact_world.py``: the pretrained tiny Llama, downstream tasks + the
 knowledge QA records of train-split facts, ``task_type`` 1) once with
 ``lbc_variant="intended"`` and once with ``"published"``: same seed, same
@@ -11,7 +12,7 @@ batches, same init. Every ``--every`` steps, for each decoder layer, the
 router weight on the knowledge group (experts ``[0, E/2)``,
 ``loramoe_ds.model.losses.knowledge_group``) is averaged over the tokens of
 held-out knowledge questions and of held-out downstream examples (mean over
-the layer's 3 adapted linears). Separation = knowledge-input share minus
+the layer's adapted linears). Separation = knowledge-input share minus
 downstream-input share: the LBC's fixed points predict ``+delta`` (intended)
 and ``-delta`` (published) once the routers have converged.
 
@@ -54,7 +55,7 @@ def run_variant(variant: str, world: World, base: Any, args: argparse.Namespace)
         "moe",
         variant,
         dict(
-            target_modules=fwt.FFN_TARGETS,
+            target_modules=fwt.ALL_TARGETS if args.targets == "all" else fwt.FFN_TARGETS,
             rank=fwt.RANK,
             alpha=32.0,
             dropout=0.05,
@@ -195,6 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=25, help="measure shares every k steps")
+    ap.add_argument("--targets", default="all", choices=["all", "ffn"], help="as forgetting.py")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=3e-3, help="expert LR (peak)")

@@ -39,6 +39,8 @@ def test_world_is_deterministic_and_well_formed(world):
         rec = world.fact_record(f)
         assert rec["answer"] == [world.stoi[f["answer"]], fw.EOS] and rec["task_type"] == 1
         assert rec["prompt"][:2] == [fw.BOS, fw.USER] and rec["prompt"][-1] == fw.ASST
+        assert rec["pool"][0] == rec["candidates"][0] == world.stoi[f["answer"]]
+        assert sorted(rec["pool"]) == sorted(world.stoi[w] for w in pool)
         assert world.decode(rec["prompt"][2:-1]) == fw.RELATIONS[f["relation"]].format(f["entity"])
     splits = [f["split"] for f in world.facts]
     assert {"train", "heldout"} == set(splits)
@@ -57,14 +59,15 @@ def test_downstream_tasks_are_correct_and_nested(world):
     for r in big:
         words = world.decode(r["prompt"][2:-1]).split(" : ")[1].split()
         ans = world.decode(r["answer"][:-1]).split()
-        if r["task"] == "reverse":
-            want = list(reversed(words))
+        assert 3 <= len(words) <= 7 and all(w.isdigit() for w in words)
+        if r["task"] == "first":
+            want = [words[0]]
         elif r["task"] == "last":
             want = [words[-1]]
         elif r["task"] == "count":
             want = [str(len(words))]
         else:
-            want = sorted(words, key=int)
+            want = [str(max(int(w) for w in words))]
         assert ans == want and r["task_type"] == 0 and r["answer"][-1] == fw.EOS
     kn = world.knowledge_train(7)
     assert kn == world.knowledge_train(30)[:7]
@@ -165,7 +168,10 @@ def test_table_arithmetic():
         3,
     )
     assert fb.mean_std([0.4]) == (0.4, 0.0, 1) and fb.mean_std([None]) == (None, None, 0)
-    base = {"knowledge": {"ll_acc": 0.8, "gen_acc": 0.5}, "downstream": {"macro": 0.1}}
+    base = {
+        "knowledge": {"ll_acc": 0.8, "gen_acc": 0.5, "ll_pool_acc": 0.6},
+        "downstream": {"macro": 0.1},
+    }
 
     def res(seed, ll, gen, down):
         return {
@@ -174,7 +180,7 @@ def test_table_arithmetic():
             "size": 8,
             "seed": seed,
             "train": {"steps": 9, "trainable_params": 2000, "train_s": 1.0},
-            "knowledge": {"ll_acc": ll, "gen_acc": gen},
+            "knowledge": {"ll_acc": ll, "gen_acc": gen, "ll_pool_acc": ll / 2},
             "downstream": {"macro": down},
         }
 
@@ -185,7 +191,7 @@ def test_table_arithmetic():
     assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
     assert rows[0]["ll"] == (pytest.approx(0.5), pytest.approx(math.sqrt(0.02)), 2)
     table = fb.format_table(rows, base, ["lora"])
-    assert "| LoRA | 8x | 9 | 2 | 50.0 ± 14.1 | 30.0 ± 7.1 |" in table
+    assert "| LoRA | 8x | 9 | 2 | 50.0 ± 14.1 | 30.0 ± 7.1 | 25.0 ± 7.1 |" in table
     assert "| +50.0 ± 14.1 |" in table
     assert fb.make_plan(["a", "b"], [1, 8], [0, 1])[:3] == [("a", 1, 0), ("b", 1, 0), ("a", 8, 0)]
 
