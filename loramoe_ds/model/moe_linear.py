@@ -171,26 +171,21 @@ class MoELoRALinear(nn.Module):
         return nn.functional.dropout(x_TD, p, training=True), 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         x_TD = x.reshape(-1, self.in_features)
+        # The base sees the 2-D tokens so that its output is a tensor of its own
+        # (not a view), which the experts' second GEMM then adds into in place.
+        y_TO = self.base(x_TD)
         routing = self.router(x_TD)
         xd_TD, keep = self.expert_input(x_TD)
-        y_TO = y.reshape(-1, self.out_features)
         scale = self.scaling * keep
         if self.dispatcher is not None:
-            out_TO = y_TO + (scale * self.dispatcher(xd_TD, routing)).to(y.dtype)
+            out_TO = y_TO + (scale * self.dispatcher(xd_TD, routing)).to(y_TO.dtype)
         else:
             assert self.experts is not None, "expert bank detached but no dispatcher set"
             out_TO = local_mixture(
-                self.experts,
-                xd_TD,
-                routing,
-                self.capacity_factor,
-                self.topk_impl,
-                y_TO,
-                scale,
-                True,
-            )
+                self.experts, xd_TD, routing, self.capacity_factor, self.topk_impl, y_TO, scale,
+                inplace=y_TO._base is None,
+            )  # fmt: skip
         if self.recorder is not None:
             self.recorder.record(self, routing)
         return out_TO.view(*x.shape[:-1], self.out_features)
