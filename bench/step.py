@@ -342,6 +342,7 @@ def bench_model(model_name: str, args, dtype) -> list[dict]:
                 "mfu": step_flops(base, setups[n], tokens, args.seq) / t / peak if peak else None,
                 "trainable": setups[n].trainable,
                 "all_ms": times[n],
+                "all_cpu": cpus[n],
             }
         )
     return rows
@@ -431,8 +432,10 @@ def main() -> None:
         print(line)
     for r in rows:
         print(
-            f"# {r['model']} {r['config']} all ms: "
+            f"# {r['model']} {r['config']} wall ms: "
             + " ".join(f"{x * 1e3:.0f}" for x in r["all_ms"])
+            + " | CPU ms: "
+            + " ".join(f"{x * 1e3:.0f}" for x in r["all_cpu"])
         )
     if args.write_doc:
         import sys
