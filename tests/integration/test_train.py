@@ -243,16 +243,22 @@ def test_dry_run_prints_plan():
     assert "experts per layer [4, 4, 4, 4]" in p.stdout
 
 
+def _bad_data(tmp_path: Path) -> Path:
+    """Four records; line 3 has no ``output``."""
+    bad = tmp_path / "train.jsonl"
+    good = {"instruction": "Say hi.", "input": "", "output": "Hi.", "task_type": 0}
+    lines = [good, good, {"instruction": "No answer.", "input": "", "task_type": 1}, good]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return bad
+
+
 def test_bad_record_fails_before_the_model_loads(tmp_path):
     """A bad record: one line naming file:line and field, exit 2, before model and engine.
 
     One process with ``MASTER_PORT=1``: building the engine (or any process group)
     first would fail on the rendezvous instead of reporting the record.
     """
-    bad = tmp_path / "train.jsonl"
-    good = {"instruction": "Say hi.", "input": "", "output": "Hi.", "task_type": 0}
-    lines = [good, good, {"instruction": "No answer.", "input": "", "task_type": 1}, good]
-    bad.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    bad = _bad_data(tmp_path)
     out = tmp_path / "out"
     p = _direct(1, f"data.train_files=[{bad}]", f"output.dir={out}", "parallel.ep_size=1")
     assert p.returncode == 2, p.stderr[-3000:]
@@ -261,6 +267,16 @@ def test_bad_record_fails_before_the_model_loads(tmp_path):
     assert f"{bad}:3" in errors[0] and "'output'" in errors[0], errors[0]
     assert "Traceback" not in p.stderr
     assert not (out / "metrics.csv").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+def test_bad_record_on_two_ranks(tmp_path):
+    """2 ranks: rank 0 validates, the other rank gets its verdict; both exit 2, one line each."""
+    bad = _bad_data(tmp_path)
+    log = _deepspeed(tmp_path / "out", 29671, extra=[f"data.train_files=[{bad}]"], expect=2)
+    # (the two ranks' stderr lines may interleave, so count the message)
+    assert log.count(f"error: {bad}:3: missing field 'output'") == 2, log[-3000:]
+    assert "Traceback" not in log and not (tmp_path / "out" / "metrics.csv").exists()
 
 
 @pytest.mark.distributed
