@@ -3,7 +3,9 @@
 ``launcher/train.py`` is a thin wrapper around :func:`train`. Everything that
 can be checked without processes talking to each other (configs, DeepSpeed JSON,
 expert-parallel divisibility) is checked in :func:`make_plan` before any
-process group starts.
+process group starts; the training data is validated and tokenised by
+:func:`prepare_data` before any model is loaded or engine built. :func:`train`
+is the loop, built from :mod:`loramoe_ds.train_loop`'s parts.
 """
 
 from __future__ import annotations
