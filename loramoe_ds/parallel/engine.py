@@ -67,24 +67,12 @@ Precision: fp32 on CPU; ``bf16`` in the DeepSpeed config for GPUs (engine
 parameters bf16 with fp32 master weights; EP banks are fp32 master weights,
 activations travel in bf16 and are cast for the expert compute).
 
-Losses (``loss_reduction``):
-
-* ``token_mean`` (default, :meth:`MoETrainer.train_step`): the LM loss of an
-  optimizer step is ``sum of token CE over every labelled token of every rank and
-  GAS micro-batch / N_step``. The loop hands over the GAS micro-batches of the
-  step at once; their labelled-token count is all-reduced once (``N_step``) and
-  each micro-batch's forward divides its CE sum by ``N_step / (W * GAS)``
-  (``num_items_in_batch``). ``engine.backward`` scales each loss by ``1/GAS`` and
-  the data-parallel gradient is the mean over the W ranks, so the gradient is
-  ``(1/W) sum_r (1/GAS) sum_m W*GAS*CE_sum(r,m)/N_step = d/dtheta [sum CE / N_step]``
-  exactly, whatever the label counts of the ranks and micro-batches. The
-  auxiliary losses stay per micro-step, averaged over ranks and micro-batches.
-* ``micro_batch_mean`` (the behaviour before): each micro-batch's LM loss is the
-  mean over its own labelled tokens; the objective is the mean over ranks and
-  micro-batches of those means (short samples weigh more).
-
-``train_micro_batch`` / ``forward_backward`` without ``num_items_in_batch`` are
-the micro-batch-mean building blocks.
+Losses (``loss_reduction``): ``token_mean`` (default) makes the LM loss of an
+optimizer step the summed token CE over every labelled token of all ranks and GAS
+micro-batches divided by their count, exactly (:mod:`loramoe_ds.parallel.step`,
+:meth:`MoETrainer.train_step`); ``micro_batch_mean`` is the mean over ranks and
+micro-batches of each micro-batch's own token mean (``train_micro_batch`` /
+``forward_backward`` without ``num_items_in_batch``).
 
 Activation checkpointing (``activation_checkpointing=True``): transformers'
 non-reentrant checkpoint around every decoder layer of the base model
@@ -101,7 +89,6 @@ import copy
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,40 +104,9 @@ from loramoe_ds.parallel import checkpoint as ckpt
 from loramoe_ds.parallel.checkpoint import gather_adapter, load_full_state
 from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
 from loramoe_ds.parallel.groups import ExpertGroups, create_expert_groups, validate_ep
+from loramoe_ds.parallel.step import LOSS_REDUCTIONS, StepResult
 
 CLIP_EPS = 1e-6
-IGNORE_INDEX = -100
-LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
-
-
-def count_label_tokens(labels_BS: torch.Tensor) -> int:
-    """Labelled positions of a batch: targets ``labels[:, 1:]`` that are not -100.
-
-    The model predicts ``labels[t]`` from tokens ``< t`` (transformers' shift), so
-    the first position never carries a loss.
-    """
-    return int((labels_BS[..., 1:] != IGNORE_INDEX).sum())
-
-
-@dataclass
-class StepResult:
-    """One optimizer step of :meth:`MoETrainer.train_step` on this rank.
-
-    Attributes:
-        outputs: The model output of each of this rank's GAS micro-batches (0-dim
-            loss tensors, graphs already freed by the backward).
-        batches: This rank's micro-batches (as given).
-        label_tokens: ``N_step``, labelled tokens of the step over all ranks and
-            micro-batches.
-        lr: The learning rate of this update.
-        grad_norm: Gradient norm before clipping (``None`` if unknown).
-    """
-
-    outputs: list[Any]
-    batches: list[dict[str, torch.Tensor]]
-    label_tokens: int
-    lr: float
-    grad_norm: float | None
 
 
 def _optim_hparams(ds_config: dict) -> dict[str, Any]:
@@ -413,61 +369,25 @@ class MoETrainer:
         self.engine.backward(out.loss)
         return out
 
-    def step_label_tokens(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
-        """``N_step``: labelled tokens of these micro-batches summed over all ranks (collective)."""
-        n = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-        t = torch.tensor([n], dtype=torch.float64, device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t)
-        return int(t.item())
-
     def accumulate(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list, int]:
-        """Forward/backward the GAS micro-batches of one step; stop before the update.
+        """Forward/backward the GAS micro-batches of one step, stopping before the update.
 
-        With ``loss_reduction="token_mean"`` each forward gets
-        ``num_items_in_batch = N_step / (W * GAS)`` (module docstring). After it
-        the engine is at the accumulation boundary: call :meth:`optimizer_step`
-        (after :meth:`sync_expert_grads` / :meth:`full_adapter_grads` if wanted).
+        See :func:`loramoe_ds.parallel.step.accumulate`; call :meth:`optimizer_step`
+        after it (and :meth:`sync_expert_grads` / :meth:`full_adapter_grads` if wanted).
 
         Returns:
             ``(outputs, N_step)``.
-
-        Raises:
-            ValueError: If the number of micro-batches is not the engine's GAS.
         """
-        G = int(self.engine.gradient_accumulation_steps())
-        if len(micro_batches) != G:
-            raise ValueError(
-                f"train_step got {len(micro_batches)} micro-batches; gradient_accumulation_steps "
-                f"is {G}"
-            )
-        n_step = self.step_label_tokens(micro_batches)
-        num_items = None
-        if self.loss_reduction == "token_mean":
-            num_items = max(n_step, 1) / (self.groups.world_size * G)
-        outputs = []
-        for i, b in enumerate(micro_batches):
-            out = self.forward_backward(b, num_items)
-            want = count_label_tokens(b["labels"])
-            if out.num_label_tokens is not None and int(out.num_label_tokens) != want:
-                raise RuntimeError(
-                    f"the model counted {int(out.num_label_tokens)} labelled tokens, the "
-                    f"trainer {want}: the token-mean denominator would be wrong"
-                )
-            outputs.append(out)
-            if i < G - 1:
-                self.engine.step()  # DeepSpeed counts the micro-step; no update
-        return outputs, n_step
+        from loramoe_ds.parallel.step import accumulate
+
+        return accumulate(self, micro_batches)
 
     def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step from this rank's GAS micro-batches (collective).
 
-        Args:
-            micro_batches: ``gradient_accumulation_steps`` batches of this rank.
-
         Returns:
-            A :class:`StepResult` (reduce it over ranks with
-            :mod:`loramoe_ds.train_loop.metrics`).
+            A :class:`~loramoe_ds.parallel.step.StepResult` (reduce it over ranks
+            with :mod:`loramoe_ds.train_loop.metrics`).
         """
         outputs, n_step = self.accumulate(micro_batches)
         lr = float(self.engine.get_lr()[0])
