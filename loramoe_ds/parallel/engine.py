@@ -318,6 +318,10 @@ class MoETrainer:
 
         engine_params = [p for p in model.parameters() if p.requires_grad]
         client_opt = torch.optim.AdamW(engine_params, **hp)
+        from loramoe_ds import lr_schedule
+
+        if (cfg.get("scheduler") or {}).get("type") == lr_schedule.NAME:
+            lr_schedule.register()  # in every process, not only where make_plan ran
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, config=cfg)
         got_wd = engine.optimizer.param_groups[0]["weight_decay"]
         assert got_wd == hp["weight_decay"], (got_wd, hp)
