@@ -122,6 +122,43 @@ def aggregate(results: Sequence[dict], base: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def paired(results: Sequence[dict], base: dict, a: str, b: str) -> list[dict[str, Any]]:
+    """Per size: method ``a`` minus method ``b`` on the seeds both ran (same seed = same
+    batches, same adapter init), mean ± std of the per-seed differences of each metric.
+
+    Returns:
+        One dict per size: ``size, seeds`` and ``(mean, std, n)`` per metric key.
+    """
+    by = {(r["method"], r["size"], r["seed"]): summarize(r, base) for r in results}
+    out = []
+    for size in sorted({r["size"] for r in results}):
+        seeds = sorted(s for (m, z, s) in by if m == a and z == size and (b, size, s) in by)
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"size": size, "seeds": seeds}
+        for key in ("ll", "ll_pool", "gen", "gain"):
+            row[key] = mean_std([by[(a, size, s)][key] - by[(b, size, s)][key] for s in seeds])
+        out.append(row)
+    return out
+
+
+def format_paired(rows: Sequence[dict], a: str, b: str) -> str:
+    """Markdown table of :func:`paired` (points)."""
+    lines = [
+        f"Paired per seed, {a} minus {b} (points, mean ± std over seeds):",
+        "",
+        "| data | seeds | LL-rank | LL vs pool | generation | downstream gain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']}x | {len(r['seeds'])} | {fmt(r['ll'], sign=True)} | "
+            f"{fmt(r['ll_pool'], sign=True)} | {fmt(r['gen'], sign=True)} | "
+            f"{fmt(r['gain'], 1.0, True)} |"
+        )
+    return "\n".join(lines)
+
+
 def fmt(
     ms: tuple[float | None, float | None, int], scale: float = 100.0, sign: bool = False
 ) -> str:
@@ -212,6 +249,9 @@ def report(out: Path, docs: Path | None, order: Sequence[str]) -> str:
         return "no finished runs yet"
     rows = aggregate(results, base)
     table = format_table(rows, base, order)
+    pair = paired(results, base, "loramoe_intended", "loramoe_published")
+    if pair:
+        table += "\n\n" + format_paired(pair, "intended", "published")
     (out / "table.md").write_text(table + "\n")
     write_json_atomic(out / "summary.json", {"base": base, "rows": rows})
     plot(rows, base, (docs or out) / "forgetting.png")

@@ -193,6 +193,12 @@ def test_table_arithmetic():
     table = fb.format_table(rows, base, ["lora"])
     assert "| LoRA | 8x | 9 | 2 | 50.0 ± 14.1 | 30.0 ± 7.1 | 25.0 ± 7.1 |" in table
     assert "| +50.0 ± 14.1 |" in table
+    runs = [res(0, 0.6, 0.25, 0.7), res(1, 0.4, 0.35, 0.5), res(0, 0.5, 0.2, 0.6)]
+    runs[2]["method"] = "other"
+    (pr,) = fb.paired(runs, base, "lora", "other")  # only seed 0 is shared
+    assert pr["seeds"] == [0] and pr["ll"] == (pytest.approx(0.1), 0.0, 1)
+    assert pr["gain"] == (pytest.approx(10.0), 0.0, 1)
+    assert "| 8x | 1 | +10.0 | +5.0 | +5.0 | +10.0 |" in fb.format_paired([pr], "a", "b")
     assert fb.make_plan(["a", "b"], [1, 8], [0, 1])[:3] == [("a", 1, 0), ("b", 1, 0), ("a", 8, 0)]
 
 
