@@ -71,6 +71,9 @@ class Plan:
             f"model {run.model.name}: {self.num_layers} layers; adapter router={run.adapter.router}"
             + (f" top_k={run.adapter.top_k}" if run.adapter.router == "topk" else "")
             + f" rank={run.adapter.rank} targets={list(run.adapter.target_modules)}",
+            f"aux losses ({run.adapter.aux_loss_scope}): LBC {run.adapter.lbc_variant} "
+            f"beta={run.adapter.lbc_beta} delta={run.adapter.lbc_delta}; load balance "
+            f"{run.adapter.load_balance_coef}; z-loss {run.adapter.z_loss_coef}",
             f"experts per layer {self.experts_per_layer} "
             f"(total {sum(self.experts_per_layer) * per_linear} over {per_linear} linears/layer;"
             f" {[e // ep for e in self.experts_per_layer][:8]}... local per EP rank)",
