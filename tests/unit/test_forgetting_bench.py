@@ -215,7 +215,9 @@ def test_quick_end_to_end_and_resume(tmp_path, capsys):
     assert r["knowledge"]["n"] == n_heldout  # every held-out fact scored
     assert (out / "forgetting.png").is_file()
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 2 + 1 + 6
+    main_table, paired_part = table.split("\n\n", 1)
+    assert main_table.count("\n") == 2 + 1 + 6 - 1  # header, rule, base, 6 methods
+    assert "| 2x | 1 |" in paired_part  # intended minus published, the one shared seed
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     capsys.readouterr()
     assert fb.main(args) == 0
