@@ -41,11 +41,13 @@ def dropped_positions(n: int, p: float, device: torch.device | str | None = None
     """Flat indices zeroed by i.i.d. Bernoulli(p) dropout of ``n`` elements (sorted, unique).
 
     The gaps between consecutive dropped positions of a Bernoulli(p) sequence
-    are i.i.d. geometric, ``P(G >= k) = (1 - p)^k``, drawn by inversion as
-    ``G = floor(log V / log(1 - p))`` with ``V ~ U(0, 1]`` in fp64; position
-    ``i_j = i_{j-1} + 1 + G_j``. About ``n p`` uniforms are drawn (from the
-    default generator, so ``torch.manual_seed`` and activation checkpointing's
-    RNG restore reproduce them), instead of ``n``.
+    are i.i.d. geometric, ``P(G >= k) = (1 - p)^k``. They are drawn as
+    ``G = floor(X)`` with ``X`` exponential of rate ``-log(1 - p)`` (fp64), since
+    ``P(X >= k) = (1 - p)^k``; position ``i_j = i_{j-1} + 1 + G_j``. About
+    ``n p`` numbers are drawn (from the default generator, so
+    ``torch.manual_seed`` and activation checkpointing's RNG restore reproduce
+    them) instead of ``n``, in a handful of ops (they are small, and every op
+    costs a thread fork/join on a multi-threaded CPU).
 
     Args:
         n: Number of elements.
@@ -55,18 +57,17 @@ def dropped_positions(n: int, p: float, device: torch.device | str | None = None
     Returns:
         int64 positions in ``[0, n)``.
     """
-    log_keep = math.log1p(-p)
+    rate = -math.log1p(-p)
     parts, last = [], -1  # last: the previous dropped position
     while last < n - 1:
         left = n - 1 - last
         m = int(left * p + 6.0 * math.sqrt(left * p) + 16)
-        v = 1.0 - torch.rand(m, dtype=torch.float64, device=device)
-        steps = torch.floor(torch.log(v) / log_keep).to(torch.int64) + 1
-        pos = last + torch.cumsum(steps, 0)
+        x = torch.empty(m, dtype=torch.float64, device=device).exponential_(rate)
+        pos = torch.cumsum(x.floor_().add_(1.0).to(torch.int64), 0).add_(last)
         parts.append(pos)
         last = int(pos[-1])
-    pos = torch.cat(parts)
-    return pos[pos < n]
+    pos = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return pos[: int(torch.searchsorted(pos, n))]
 
 
 class _ZeroAt(torch.autograd.Function):
