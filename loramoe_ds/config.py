@@ -62,12 +62,14 @@ class AdapterConfig:
     lbc_beta: float = 0.1
     """Weight of the LBC loss (summed over adapted linears); 0 disables it."""
 
-    lbc_variant: str = "published"
+    lbc_variant: str = "intended"
     """Form of the LBC (docs/design.md, "Localized balancing constraint"):
+    ``"intended"`` (default): ``Z = Q / I``, whose optimum gives the group that
+    matches the record type a share ``(1+delta)/2`` of the router weight.
     ``"published"``: ``Z = I * Q``, the paper's formula and the official code; its
-    optimum gives the group that *matches* the sample type a share ``(1-delta)/2``
-    of the router weight (the opposite of the stated purpose). ``"intended"``:
-    ``Z = Q / I``, whose optimum gives the matching group ``(1+delta)/2``."""
+    optimum gives the matching group ``(1-delta)/2`` (the opposite of the stated
+    purpose). In docs/results.md both retain the same knowledge within the seed
+    spread; only ``intended`` routes knowledge records to the knowledge experts."""
 
     aux_loss_scope: str = "micro_batch"
     """Batch over which the LBC and the load-balancing loss are computed:

@@ -81,7 +81,8 @@ def test_aux_losses_are_sums_of_per_linear_formulas(router):
         h.remove()
     m_BS, m_T = b["attention_mask"], b["attention_mask"].reshape(-1)
     lbc = sum(
-        lbc_loss(r.probs_TE.view(3, 12, 4), m_BS, b["task_type"], 0.1) for r in captured.values()
+        lbc_loss(r.probs_TE.view(3, 12, 4), m_BS, b["task_type"], 0.1, cfg.lbc_variant)
+        for r in captured.values()
     )
     zl = sum(z_loss(r.logits_TE, m_T) for r in captured.values())
     lb = 0.0
