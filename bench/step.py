@@ -88,7 +88,8 @@ def load_base(name: str, dtype: torch.dtype, device: str):
         model = transformers.AutoModelForCausalLM.from_pretrained(ensure_smollm2(), dtype=dtype)
     elif name == "llama1b":
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(llama1b_config(), dtype=dtype)
+        with torch.device(device):  # initialise on the device (1.2 B weights)
+            model = transformers.AutoModelForCausalLM.from_config(llama1b_config(), dtype=dtype)
     elif name == "tiny":  # smoke tests of this script
         from loramoe_ds.tiny import tiny_model
 
