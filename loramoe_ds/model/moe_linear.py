@@ -176,8 +176,14 @@ class MoELoRALinear(nn.Module):
         # The base sees the 2-D tokens so that its output is a tensor of its own
         # (not a view), which the experts' second GEMM then adds into in place.
         y_TO = self.base(x_TD)
-        routing = self.router(x_TD)
-        xd_TD, keep = self.expert_input(x_TD)
+        p = self.dropout
+        if self.training and 0 < p <= SPARSE_DROPOUT_MAX_P and x_TD.device.type == "cpu":
+            drop_P = dropped_positions(x_TD.numel(), p, x_TD.device)
+            routing, xd_TD = self.router(x_TD, drop_P)  # one gradient buffer for both
+            keep = 1.0 / (1.0 - p)
+        else:
+            routing = self.router(x_TD)
+            xd_TD, keep = self.expert_input(x_TD)
         scale = self.scaling * keep
         if self.dispatcher is not None:
             out_TO = y_TO + (scale * self.dispatcher(xd_TD, routing)).to(y_TO.dtype)

@@ -76,6 +76,49 @@ class _RouterLogits(torch.autograd.Function):
         return gx, gw
 
 
+class _RouterLogitsAndDrop(torch.autograd.Function):
+    """:class:`_RouterLogits` plus the experts' input ``x`` with the flat positions
+    ``drop_P`` zeroed (the CPU sparse dropout of the adapted linear).
+
+    Both consume ``x``; as one node their input gradients share one buffer: the
+    experts' gradient (written in place when it is a fresh contiguous tensor,
+    zeroed at ``drop_P``) receives the router's ``g_logits W_r`` through one
+    ``addmm_``, instead of a separate ``T x D`` gradient and an accumulation pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_ED, drop_P):  # noqa: D102
+        acc = torch.promote_types(torch.promote_types(x_TD.dtype, w_ED.dtype), torch.float32)
+        w32_ED = w_ED.to(acc)
+        ctx.save_for_backward(x_TD, w32_ED, drop_P)
+        ctx.w_dtype = w_ED.dtype
+        xd_TD = x_TD.clone(memory_format=torch.contiguous_format)
+        xd_TD.view(-1).index_fill_(0, drop_P, 0.0)
+        return torch.nn.functional.linear(x_TD.to(acc), w32_ED), xd_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_TE, g_TD):  # noqa: D102
+        x_TD, w32_ED, drop_P = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            if g_TD is None:
+                gx = torch.zeros_like(x_TD)
+            elif not g_TD.is_contiguous() or g_TD._base is not None:
+                gx = g_TD.clone(memory_format=torch.contiguous_format)
+            else:
+                gx = g_TD  # fresh from the experts' GEMM / gather: ours to overwrite
+            gx.view(-1).index_fill_(0, drop_P, 0.0)
+            if g_TE is not None:
+                if gx.dtype == w32_ED.dtype:
+                    gx.addmm_(g_TE, w32_ED)
+                else:
+                    gx.add_((g_TE @ w32_ED).to(gx.dtype))
+        if ctx.needs_input_grad[1] and g_TE is not None:
+            gw = (g_TE.t() @ x_TD.to(w32_ED.dtype)).to(ctx.w_dtype)
+        return gx, gw, None
+
+
 class Router(nn.Module):
     """Per-token gate over E LoRA experts.
 
@@ -112,16 +155,25 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(
+        self, x_TD: torch.Tensor, drop_P: torch.Tensor | None = None
+    ) -> Routing | tuple[Routing, torch.Tensor]:
         """Route T tokens.
 
         Args:
             x_TD: Tokens, any float dtype.
+            drop_P: Optional flat positions of ``x`` that the experts' dropout
+                zeroes; then ``x`` with them zeroed is returned too (one autograd
+                node for both, see :class:`_RouterLogitsAndDrop`). The router
+                itself always sees the undropped ``x``.
 
         Returns:
-            The :class:`Routing` (all fp32).
+            The :class:`Routing` (all fp32); with ``drop_P``, ``(routing, x * m)``.
         """
-        return self.route(_RouterLogits.apply(x_TD, self.weight))
+        if drop_P is None:
+            return self.route(_RouterLogits.apply(x_TD, self.weight))
+        logits_TE, xd_TD = _RouterLogitsAndDrop.apply(x_TD, self.weight, drop_P)
+        return self.route(logits_TE), xd_TD
 
     def route(self, logits_TE: torch.Tensor) -> Routing:
         """The routing decision (probabilities, gates, experts) from fp32 logits ``W_r x``."""
