@@ -325,8 +325,13 @@ def bench_model(model_name: str, args, dtype) -> list[dict]:
     mems = {n: step_memory(setups[n], batch, args.device) for n in names}  # after the timing
     tokens = args.batch * args.seq
     peak = peak_flops(args.device, dtype, args.peak_tflops)
-    floor_t = statistics.median(times["floor"]) if "floor" in times else None
-    floor_c = statistics.median(cpus["floor"]) if "floor" in cpus else None
+
+    def over(samples: dict[str, list[float]], n: str) -> float | None:
+        """Median over rounds of this config's time over the floor's in the same round."""
+        if "floor" not in samples:
+            return None
+        return (statistics.median(a / b for a, b in zip(samples[n], samples["floor"])) - 1) * 100
+
     rows = []
     for n in names:
         t, c = statistics.median(times[n]), statistics.median(cpus[n])
@@ -337,9 +342,9 @@ def bench_model(model_name: str, args, dtype) -> list[dict]:
                 "ms": t * 1e3,
                 "tok_s": tokens / t,
                 "mem": mems[n],
-                "over": (t / floor_t - 1) * 100 if floor_t else None,
+                "over": over(times, n),
                 "cpu_s": c,
-                "over_cpu": (c / floor_c - 1) * 100 if floor_c else None,
+                "over_cpu": over(cpus, n),
                 "mfu": step_flops(base, setups[n], tokens, args.seq) / t / peak if peak else None,
                 "trainable": setups[n].trainable,
                 "all_ms": times[n],
@@ -357,6 +362,7 @@ def header(args, dtype) -> list[str]:
         f"dropout={args.dropout} torch={torch.__version__}",
         f"# step = forward + backward + AdamW, median of {args.repeats} (round-robin, "
         f"{args.warmup} warm-up); load average at start {os.getloadavg()[0]:.2f}",
+        "# over floor = median over rounds of (step / floor step of the same round) - 1",
         "# CPU ms = process CPU time of the step (all threads; robust to other jobs "
         "taking the cores, not to their memory traffic)",
     ]
@@ -429,7 +435,7 @@ def main() -> None:
     for m in models.split(","):
         rows += bench_model(m, args, dtype)
     lines += table(rows)
-    for line in lines[3:]:
+    for line in lines[4:]:
         print(line)
     for r in rows:
         print(
