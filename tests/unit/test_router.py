@@ -84,3 +84,38 @@ def test_router_logits_fp32_and_keep_no_fp32_copy(dtype):
     assert gx.dtype == dtype and gw.dtype == dtype
     torch.testing.assert_close(gx, rx, atol=0, rtol=0)
     torch.testing.assert_close(gw, rw, atol=0, rtol=0)
+
+
+def test_router_with_dropout_positions_one_gradient_buffer():
+    """``router(x, drop_P)``: routing of the undropped x, x zeroed at drop_P, and the
+    input gradient = router part + experts' part zeroed at drop_P, for a fresh,
+    an expanded and a missing experts' gradient."""
+    from loramoe_ds.model.moe_linear import dropped_positions
+
+    torch.manual_seed(0)
+    r = Router(10, 3, "soft", 1)
+    x = torch.randn(8, 10, requires_grad=True)
+    pos = dropped_positions(x.numel(), 0.2)
+    keep = torch.ones(80).index_fill(0, pos, 0.0).view(8, 10)
+    routing, xd = r(x, pos)
+    torch.testing.assert_close(xd, x * keep, atol=0, rtol=0)
+    torch.testing.assert_close(routing.probs_TE, r(x).probs_TE, atol=0, rtol=0)
+    g_l = torch.randn(8, 3)
+    w = torch.randn(10, 4)
+    g_h = torch.randn(8, 4)
+    for experts in ("fresh", "expanded", "none"):
+        x.grad = None
+        r.zero_grad(set_to_none=True)
+        routing, xd = r(x, pos)
+        loss = (routing.logits_TE * g_l).sum()
+        if experts == "fresh":
+            loss = loss + ((xd @ w) * g_h).sum()
+            part = (g_h @ w.t()) * keep
+        elif experts == "expanded":
+            loss = loss + xd.sum()
+            part = keep
+        else:
+            part = torch.zeros_like(keep)
+        loss.backward()
+        torch.testing.assert_close(x.grad, g_l @ r.weight.detach() + part, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(r.weight.grad, g_l.t() @ x.detach(), atol=1e-6, rtol=1e-6)
