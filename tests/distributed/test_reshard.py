@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
     return out
 
 
-def _same_run(got: dict, want: dict, steps) -> None:
+def _same_run(got: dict, want: dict, steps, final_tol: float = RTOL) -> None:
     for s in steps:
         for k in ("loss", "lm_loss", "grad_norm", "lr", "label_tokens"):
             assert got["rows"][s][k] == pytest.approx(want["rows"][s][k], rel=RTOL, abs=1e-7), (
@@ -97,7 +97,7 @@ def _same_run(got: dict, want: dict, steps) -> None:
             )
     assert set(got["final"]) == set(want["final"])
     for n, p in want["final"].items():
-        C.assert_close(got["final"][n], p, RTOL, n)
+        C.assert_close(got["final"][n], p, final_tol, n)
 
 
 CASES = [  # (resumed run, uninterrupted run it must equal)
@@ -123,8 +123,15 @@ def test_step_data_is_topology_independent(runs, router):
     """Uninterrupted runs at W=2/ep 2, W=2/ep 1 and W=4/ep 4 agree step by step."""
     ref = runs[f"A_{router}"]
     assert sorted(ref["rows"]) == [1, 2, 3, 4, 5]
+    # Whole runs on different compute paths (EP sorted rows vs replicated dense
+    # gates) differ by fp32 rounding from step 1, and AdamW amplifies it where a
+    # gradient element is near zero: its first update is lr * g / (|g| + eps), so
+    # g = 1e-9 vs 1.1e-9 moves that element differently by ~1e-5 x lr-scale.
+    # Losses and grad norms still agree to 1e-5; the final adapters to 2e-4 of
+    # their scale (measured: at most 9e-5, one element of one top-k bank). A
+    # resume shares the saved steps, and agrees to 1e-7 (the cases above).
     for other in (f"B_{router}", f"D_{router}"):
-        _same_run(runs[other], ref, [1, 2, 3, 4, 5])
+        _same_run(runs[other], ref, [1, 2, 3, 4, 5], final_tol=2e-4)
     # the runs moved: the final adapter is not the initial one
     init = C.init_state(router)
     assert any((ref["final"][n] - init[n]).abs().max() > 1e-3 for n in init)
