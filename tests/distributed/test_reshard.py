@@ -126,7 +126,7 @@ def test_step_data_is_topology_independent(runs, router):
     # Whole runs on different compute paths (EP sorted rows vs replicated dense
     # gates) differ by fp32 rounding from step 1, and AdamW amplifies it where a
     # gradient element is near zero: its first update is lr * g / (|g| + eps), so
-    # g = 1e-9 vs 1.1e-9 moves that element differently by ~1e-5 x lr-scale.
+    # g = 1.0e-9 vs 1.1e-9 (eps 1e-8) gives 0.091 lr vs 0.099 lr.
     # Losses and grad norms still agree to 1e-5; the final adapters to 2e-4 of
     # their scale (measured: at most 9e-5, one element of one top-k bank). A
     # resume shares the saved steps, and agrees to 1e-7 (the cases above).
