@@ -1,4 +1,5 @@
-"""Worker of test_warmup_steps.py (one per rank): ``_warmup_worker.py OUT_DIR OVERRIDE...``.
+"""Worker of test_warmup_steps.py (one per rank): ``_warmup_worker.py ARGS_JSON OUT_DIR``
+(started by ``_common.launch``).
 
 Builds the plan exactly as ``launcher/train.py`` does (config -> make_plan ->
 MoETrainer), takes a few optimizer steps and records, per step, the logged LR and
@@ -46,4 +47,4 @@ def main(out: Path, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    main(Path(sys.argv[2]), json.loads(sys.argv[1])["overrides"])

@@ -11,12 +11,9 @@ step's learning rate (``m/sqrt(v) = g/|g|``).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from _common import HERE, REPO, free_port
+from _common import launch
 
 WARMUP, STEPS, LR = 3, 3, 1e-2
 
@@ -24,25 +21,15 @@ WARMUP, STEPS, LR = 3, 3, 1e-2
 @pytest.mark.distributed
 @pytest.mark.parametrize("world,ep", [(2, 2), (1, 1)])
 def test_every_warmup_step_moves_routers_and_experts(tmp_path, world, ep):
-    port = free_port()
     overrides = [
         f"train.warmup_steps={WARMUP}", f"train.max_steps={STEPS}", f"train.lr={LR}",
         "train.micro_batch_size=2", "model.tiny_layers=2", "model.tiny_hidden=32",
         f"parallel.ep_size={ep}", "train.grad_clip=0", f"output.dir={tmp_path}",
     ]  # fmt: skip
-    procs = []
-    for r in range(world):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-        )  # fmt: skip
-        cmd = [sys.executable, str(HERE / "_warmup_worker.py"), str(tmp_path), *overrides]
-        log = open(tmp_path / f"log{r}.txt", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    args = {"overrides": overrides}
+    procs = launch(world, None, args, tmp_path, wait=False, worker="_warmup_worker.py")
     codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0] * world, (tmp_path / "log0.txt").read_text()[-3000:]
+    assert codes == [0] * world, (tmp_path / "log_rank0.txt").read_text()[-3000:]
     res = json.loads((tmp_path / "steps.json").read_text())
     assert res["ep"] == (ep > 1)  # EP: the expert optimizer; else DeepSpeed's steps the experts
     steps = res["steps"]
