@@ -34,6 +34,7 @@ from loramoe_ds.model.losses import (
     load_balance_from_sums,
     load_balance_sums,
     record_sums,
+    row_segments,
     z_loss,
 )
 from loramoe_ds.model.moe_linear import MoELoRALinear
@@ -207,8 +208,7 @@ def _records(mask_BS, seq_ids_BS, task_type):
     B, S = mask_BS.shape
     dev = mask_BS.device
     if seq_ids_BS is None:
-        rows_BS = torch.arange(B, device=dev)[:, None].expand(B, S)
-        seg_T = torch.where(mask_BS.bool(), rows_BS, -1).reshape(-1)
+        seg_T = row_segments(mask_BS)
         type_N = None
         if task_type is not None:
             type_N = task_type.to(dev)

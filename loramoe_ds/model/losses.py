@@ -35,6 +35,13 @@ def knowledge_group(num_experts: int, device: torch.device | None = None) -> tor
     return torch.arange(num_experts, device=device) * 2 < num_experts
 
 
+def row_segments(mask_BS: torch.Tensor) -> torch.Tensor:
+    """Record index of every token of an unpacked batch: its row, ``-1`` on padding (``seg_T``)."""
+    B, S = mask_BS.shape
+    rows_BS = torch.arange(B, device=mask_BS.device)[:, None].expand(B, S)
+    return torch.where(mask_BS.bool(), rows_BS, -1).reshape(-1)
+
+
 def record_sums(probs_TE: torch.Tensor, seg_T: torch.Tensor, num_records: int) -> torch.Tensor:
     """``Q[n,e] = sum_{t: seg[t]=n} w[t,e]`` in fp32 (padding, ``seg = -1``, excluded).
 
@@ -126,9 +133,7 @@ def lbc_loss(
         eps: Stabiliser of the denominator.
     """
     B, S, _ = probs_BSE.shape
-    rows_BS = torch.arange(B, device=probs_BSE.device)[:, None].expand(B, S)
-    seg_T = torch.where(mask_BS.bool(), rows_BS, -1).reshape(-1)
-    q_BE = record_sums(probs_BSE.reshape(B * S, -1), seg_T, B)
+    q_BE = record_sums(probs_BSE.reshape(B * S, -1), row_segments(mask_BS), B)
     return lbc_from_sums(q_BE, task_type_B, delta, variant, eps)
 
 
@@ -151,52 +156,36 @@ def lbc_optimal_shares(
         (share of the knowledge group for knowledge records, for downstream records);
         a share is ``nan`` when that record type is absent.
     """
-    K = int((knowledge_group(num_experts)).sum())
-    D = num_experts - K
-    hi, lo = 1.0 + delta, 1.0 - delta
-    # Q = z / I (published) or z * I (intended); I per (record type, group).
-    i_know, i_down = (hi, lo), (lo, hi)  # (I on knowledge group, I on downstream group)
-    f = (lambda z, i: z / i) if variant == "published" else (lambda z, i: z * i)
     if variant not in ("published", "intended"):
         raise ValueError(f"lbc variant {variant!r}: valid values are ['published', 'intended']")
-    groups = []  # (multiplicity, row of "record length" constraint, type)
-    if n_know:
-        groups += [
-            (n_know * K, (K / i_know[0] if variant == "published" else K * i_know[0]), 1),
-            (n_know * D, (D / i_know[1] if variant == "published" else D * i_know[1]), 1),
-        ]
-    if n_down:
-        groups += [
-            (n_down * K, (K / i_down[0] if variant == "published" else K * i_down[0]), 0),
-            (n_down * D, (D / i_down[1] if variant == "published" else D * i_down[1]), 0),
-        ]
-    G = len(groups)
-    c = torch.tensor([g[0] for g in groups], dtype=torch.float64)
-    a = torch.tensor([g[1] for g in groups], dtype=torch.float64)
-    typ = torch.tensor([g[2] for g in groups])
-    rows = [torch.cat([2 * torch.diag(c), -c[:, None]], 1)]
-    rhs = [torch.zeros(G, dtype=torch.float64)]
-    cons = [torch.cat([c, torch.zeros(1, dtype=torch.float64)])]
-    rhs_c = [1.0]
-    if n_know and n_down:  # both record types have the same length
-        d = torch.where(typ == 1, a, -a)
-        rows = [torch.cat([rows[0], -d[:, None]], 1)]
-        cons = [
-            torch.cat([cons[0], torch.zeros(1, dtype=torch.float64)]),
-            torch.cat([d, torch.zeros(2, dtype=torch.float64)]),
-        ]
-        rhs_c = [1.0, 0.0]
-    M = torch.cat([rows[0]] + [r[None] for r in cons])
-    b = torch.cat(rhs + [torch.tensor(rhs_c, dtype=torch.float64)])
+    K = int(knowledge_group(num_experts).sum())
+    D = num_experts - K
+    hi, lo = 1.0 + delta, 1.0 - delta
+    # I on (knowledge group, downstream group) per record type; Q = z * q_per_z(I).
+    imp = {1: (hi, lo), 0: (lo, hi)}
+    types = [t for t, n in ((1, n_know), (0, n_down)) if n]
+    n_of = {1: n_know, 0: n_down}
+    # One unknown z per (record type, group): multiplicity c, Q per unit z s.
+    s = [1 / i if variant == "published" else i for t in types for i in imp[t]]
+    c = torch.tensor([n_of[t] * m for t in types for m in (K, D)], dtype=torch.float64)
+    G = len(c)
+    # Constraints on x besides the stationarity rows: fixed mean (c^T x = 1) and,
+    # with both record types, equal record lengths (sum of K*Q_k + D*Q_d equal).
+    cols = [c]
+    if len(types) == 2:
+        length = torch.tensor([m * si for m, si in zip((K, D, K, D), s)], dtype=torch.float64)
+        cols.append(torch.cat([length[:2], -length[2:]]))
+    A = torch.stack(cols, 1)
+    M = torch.cat([
+        torch.cat([2 * torch.diag(c), -A], 1),
+        torch.cat([A.T, torch.zeros(len(cols), len(cols), dtype=torch.float64)], 1),
+    ])  # fmt: skip
+    b = torch.zeros(G + len(cols), dtype=torch.float64)
+    b[G] = 1.0
     x = torch.linalg.solve(M, b)[:G]
-    shares = {}
-    for t in (1, 0):
-        idx = (typ == t).nonzero().flatten().tolist()
-        if not idx:
-            shares[t] = float("nan")
-            continue
-        ik = i_know if t == 1 else i_down
-        qk, qd = f(float(x[idx[0]]), ik[0]), f(float(x[idx[1]]), ik[1])
+    shares = {1: float("nan"), 0: float("nan")}
+    for j, t in enumerate(types):
+        qk, qd = float(x[2 * j]) * s[2 * j], float(x[2 * j + 1]) * s[2 * j + 1]
         shares[t] = K * qk / (K * qk + D * qd)
     return shares[1], shares[0]
 
