@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from _matmul_dtypes import MatmulDtypes  # noqa: E402
+
 from loramoe_ds.model.experts import ExpertBank, local_mixture
 from loramoe_ds.model.reference import loop_mixture
 from loramoe_ds.model.router import Router
@@ -37,22 +40,6 @@ BF16_REL = 3e-2  # relative error bound for bf16 compute vs the fp32 reference
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the input dtypes of every matmul-like op run under it."""
-
-    OPS = ("mm", "addmm", "bmm", "_grouped_mm", "grouped_mm")
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.OPS:
-            self.seen.append((name, {a.dtype for a in args if isinstance(a, torch.Tensor)}))
-        return func(*args, **(kwargs or {}))
 
 
 def _bank(E, D, O, R, seed=0):
@@ -81,7 +68,7 @@ def test_bf16_paths_match_fp32_loop(mode, k, impl, D, O, E, R, T):
     g = torch.randn(T, O, device="cuda")
     y32 = loop_mixture(bank32, x32, routing)
     y32.backward(g)
-    with _MatmulDtypes() as rec:
+    with MatmulDtypes() as rec:
         y16 = local_mixture(bank16, x16, routing, None, impl)
         y16.backward(g.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
@@ -166,7 +153,7 @@ def test_ep_dispatcher_bf16_gemms_fp32_masters(one_rank_group, mode, k):
     with torch.no_grad():
         routing = router(x)
     g = torch.randn(T, O, device="cuda")
-    with _MatmulDtypes() as rec:
+    with MatmulDtypes() as rec:
         y = ep(x.to(torch.bfloat16), routing)
         y.backward(g.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _matmul_dtypes import MatmulDtypes
 from torch import nn
 
 from loramoe_ds.model.experts import ExpertBank, grouped_matmul, local_mixture, sort_by_expert
@@ -181,22 +182,6 @@ def test_out_and_scale_folded_match_loop(mode, K, impl):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the input dtypes of every matmul-like op run under it."""
-
-    OPS = ("mm", "addmm", "bmm", "_grouped_mm", "grouped_mm")
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.OPS:
-            self.seen.append((name, {a.dtype for a in args if isinstance(a, torch.Tensor)}))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("impl", ["dense", "grouped"])
 def test_bank_computes_in_the_input_dtype_with_fp32_masters(impl):
     """fp32 weights, bf16 rows: bf16 GEMMs forward and backward, fp32 weight grads."""
@@ -207,7 +192,7 @@ def test_bank_computes_in_the_input_dtype_with_fp32_masters(impl):
     with torch.no_grad():
         routing = router(x)  # (the router's own backward runs in fp32 by design)
     xb = x.to(torch.bfloat16).requires_grad_(True)
-    with _MatmulDtypes() as rec:
+    with MatmulDtypes() as rec:
         y = local_mixture(bank, xb, routing, None, impl)
         y.float().square().sum().backward()
     assert y.dtype == torch.bfloat16
@@ -313,7 +298,7 @@ def test_ep_dispatcher_fp32_equals_local_and_bf16_gemms(one_rank_group, mode, k)
     xb = x.detach().to(torch.bfloat16)
     with torch.no_grad():
         routing = router(x)  # (the router's own backward runs in fp32 by design)
-    with _MatmulDtypes() as rec:
+    with MatmulDtypes() as rec:
         y = ep(xb, routing)
         y.float().square().sum().backward()
     assert y.dtype == torch.bfloat16
