@@ -18,6 +18,16 @@ IGNORE_INDEX = -100
 """Label value ignored by ``torch.nn.functional.cross_entropy``."""
 
 
+def _padded_batch(B: int, longest: int, multiple: int | None, pad_token_id: int):
+    """``S`` (``longest`` rounded up to ``multiple``) and the ``(B, S)`` padding-filled
+    ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100)."""
+    S = (longest + multiple - 1) // multiple * multiple if multiple else longest
+    input_ids_BS = torch.full((B, S), pad_token_id, dtype=torch.long)
+    attention_mask_BS = torch.zeros((B, S), dtype=torch.long)
+    labels_BS = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
+    return S, input_ids_BS, attention_mask_BS, labels_BS
+
+
 class Collator:
     """Pads tokenised examples into a batch of LongTensors.
 
@@ -43,13 +53,10 @@ class Collator:
             ``input_ids``, ``attention_mask``, ``labels``, ``task_type``.
         """
         B = len(examples)
-        S = max(len(e["input_ids"]) for e in examples)
-        m = self.pad_to_multiple_of
-        if m:
-            S = (S + m - 1) // m * m
-        input_ids_BS = torch.full((B, S), self.pad_token_id, dtype=torch.long)
-        attention_mask_BS = torch.zeros((B, S), dtype=torch.long)
-        labels_BS = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
+        longest = max(len(e["input_ids"]) for e in examples)
+        S, input_ids_BS, attention_mask_BS, labels_BS = _padded_batch(
+            B, longest, self.pad_to_multiple_of, self.pad_token_id
+        )
         task_type_B = torch.empty(B, dtype=torch.long)
         for b, e in enumerate(examples):
             ids_L = torch.as_tensor(e["input_ids"], dtype=torch.long)
@@ -119,13 +126,10 @@ class PackedCollator:
             (plus the flash-attention kwargs when asked for).
         """
         B = len(rows)
-        S = max(sum(len(e["input_ids"]) for e in row) for row in rows)
-        m = self.pad_to_multiple_of
-        if m:
-            S = (S + m - 1) // m * m
-        input_ids_BS = torch.full((B, S), self.pad_token_id, dtype=torch.long)
-        attention_mask_BS = torch.zeros((B, S), dtype=torch.long)
-        labels_BS = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
+        longest = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+        S, input_ids_BS, attention_mask_BS, labels_BS = _padded_batch(
+            B, longest, self.pad_to_multiple_of, self.pad_token_id
+        )
         position_ids_BS = torch.empty((B, S), dtype=torch.long)
         seq_ids_BS = torch.full((B, S), -1, dtype=torch.long)
         task_type_BS = torch.zeros((B, S), dtype=torch.long)
