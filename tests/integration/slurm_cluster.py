@@ -276,6 +276,18 @@ class LocalSlurm:
             job_id, lambda i: i.get("JobState") in TERMINAL_STATES, timeout, "a terminal state"
         )
 
+    def wait_requeued_done(self, job_id: int, timeout: float) -> dict[str, str]:
+        """Wait until the job has been requeued at least once and then ended; returns the info."""
+        return self.wait_for(
+            job_id,
+            lambda i: (
+                i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                and int(i.get("Restarts", 0)) >= 1
+            ),
+            timeout=timeout,
+            what="requeue and completion",
+        )
+
     def scontrol(self, *args: str) -> str:
         """Run ``scontrol ARGS`` (e.g. ``update NodeName=n2 State=DRAIN Reason=x``); stdout."""
         res = subprocess.run(

@@ -525,15 +525,7 @@ def test_sbatch_preemption_requeues_and_resumes(slurm_cluster, tmp_path):
     subprocess.run(
         ["scancel", "--signal=USR1", "--batch", str(job_id)], env=slurm_cluster.env, check=True
     )
-    info = slurm_cluster.wait_for(
-        job_id,
-        lambda i: (
-            i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-            and int(i.get("Restarts", 0)) >= 1
-        ),
-        timeout=PROC_TIMEOUT,
-        what="requeue and completion",
-    )
+    info = slurm_cluster.wait_requeued_done(job_id, timeout=PROC_TIMEOUT)
     log = _job_log(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert "USR1 received" in log and "requeueing job" in log

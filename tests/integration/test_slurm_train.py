@@ -87,15 +87,7 @@ def test_sbatch_preemption_checkpoints_requeues_resumes(slurm_cluster, tmp_path)
     subprocess.run(
         ["scancel", "--signal=USR1", "--batch", str(job)], env=slurm_cluster.env, check=True
     )
-    info = slurm_cluster.wait_for(
-        job,
-        lambda i: (
-            i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-            and int(i.get("Restarts", 0)) >= 1
-        ),
-        timeout=TIMEOUT,
-        what="requeue and completion",
-    )
+    info = slurm_cluster.wait_requeued_done(job, timeout=TIMEOUT)
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
     assert "[resume] from step" in log, log[-4000:]

@@ -85,15 +85,7 @@ def test_two_node_job_requeued_onto_one_node_resumes(slurm_two_nodes, tmp_path):
         time.sleep(0.2)
     cluster.scontrol("update", "NodeName=n2", "State=DRAIN", "Reason=shrink-test")
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=cluster.env, check=True)
-    info = cluster.wait_for(
-        job,
-        lambda i: (
-            i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-            and int(i.get("Restarts", 0)) >= 1
-        ),
-        timeout=TIMEOUT,
-        what="requeue and completion",
-    )
+    info = cluster.wait_requeued_done(job, timeout=TIMEOUT)
     text = log()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     assert info["NumNodes"] == "1" and info["NodeList"] == "n1", info
