@@ -296,7 +296,7 @@ class ShareRecorder:
         from loramoe_ds.model.losses import knowledge_group
 
         p_TE = routing.probs_TE.float()
-        k_E = knowledge_group(p_TE.shape[-1], p_TE.device)
+        k_E = knowledge_group(routing.num_experts, p_TE.device, routing.num_null)
         acc = self.sums.setdefault(layer.layer_idx, [0.0, 0.0])
         acc[0] += float(p_TE[:, k_E].sum())
         acc[1] += p_TE.shape[0]

@@ -56,6 +56,21 @@ class AdapterConfig:
     string: an int such as ``2468`` is rejected as ambiguous (see
     :func:`~loramoe_ds.allocation.check_uniform_count`)."""
 
+    null_experts: int = 0
+    """Router slots with no LoRA expert behind them (zero delta), in the
+    knowledge group (docs/design.md, "Null experts"). Soft routing: their
+    weight scales the mixture down, so a token that puts all its weight on them
+    sees the frozen base exactly. Top-k: a (token, slot) routed to one gets no
+    update from that slot and costs no GEMM row. They have router rows only."""
+
+    router_supervision_coef: float = 0.0
+    """Weight of the router supervision loss (docs/design.md, "Router
+    supervision"): per token, the binary cross-entropy between the router's
+    share on the knowledge group (knowledge experts plus null experts) and the
+    record's ``task_type``; a mean over each record's tokens, then over the
+    records of the batch (over ``aux_loss_scope``), then over adapted linears.
+    0 disables it. Training only: at inference the router decides alone."""
+
     lbc_delta: float = 0.1
     """LoRAMoE localized balancing constraint: importance ``1 +/- delta``."""
 
@@ -138,7 +153,13 @@ class AdapterConfig:
             )
         if not 0.0 <= self.lbc_delta < 1.0:
             raise ValueError(f"lbc_delta={self.lbc_delta!r}: must be in [0, 1)")
-        for name in ("lbc_beta", "load_balance_coef", "z_loss_coef"):
+        if (
+            isinstance(self.null_experts, bool)
+            or not isinstance(self.null_experts, int)
+            or self.null_experts < 0
+        ):
+            raise ValueError(f"null_experts={self.null_experts!r}: must be an int >= 0")
+        for name in ("lbc_beta", "load_balance_coef", "z_loss_coef", "router_supervision_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
         if self.capacity_factor is not None:
@@ -162,10 +183,11 @@ class AdapterConfig:
         counts = experts_per_layer(self.num_experts, num_layers)
         if self.router == "topk":
             for i, c in enumerate(counts):
-                if c < self.top_k:
+                if c + self.null_experts < self.top_k:
                     raise ValueError(
-                        f"layer {i} has {c} experts but top_k={self.top_k}; every layer "
-                        f"needs at least top_k experts (lower top_k or raise num_experts)"
+                        f"layer {i} has {c} experts and {self.null_experts} null experts but "
+                        f"top_k={self.top_k}; every layer needs at least top_k router slots "
+                        "(lower top_k or raise num_experts)"
                     )
         return counts
 

@@ -75,7 +75,8 @@ def plot_expert_heatmap(util: dict[str, Any], path: str | os.PathLike[str]) -> s
 
     plt = _pyplot()
     names = list(util["expert_probs"])
-    E = max(util["num_experts"])
+    N = util.get("null_experts", 0)
+    E = max(util["num_experts"]) + N  # slots: LoRA experts, then null experts
     layers = util["layers"]
     fig, axes = plt.subplots(
         1,
@@ -97,9 +98,13 @@ def plot_expert_heatmap(util: dict[str, Any], path: str | os.PathLike[str]) -> s
             grids[name], aspect="auto", origin="lower", cmap="viridis", vmin=vmin, vmax=vmax
         )
         if len(set(util["num_experts"])) == 1:  # one boundary between the two groups
-            ax.axvline((E + 1) // 2 - 0.5, color="white", lw=1.2)
+            ax.axvline((E - N + 1) // 2 - 0.5, color="white", lw=1.2)
+            if N:
+                ax.axvline(E - N - 0.5, color="white", lw=1.2, ls="--")
         ax.set_title(f"{name} inputs", fontsize=9)
-        ax.set_xlabel("expert (left half: knowledge group)", fontsize=8)
+        label = "expert (left half: knowledge group"
+        label += f"; last {N}: null experts, knowledge group)" if N else ")"
+        ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel("decoder layer", fontsize=8)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
         ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7)

@@ -12,7 +12,8 @@ and task type ``c`` (1 world knowledge, 0 downstream)::
                   sum_{tokens t of type-c sequences, m[t] = 1} sum_{e in K} w_j[t, e]
                   / #{real tokens of type-c sequences}
 
-with ``K = {e : e < E/2}`` (:func:`~loramoe_ds.model.losses.knowledge_group`),
+with ``K = {e : e < E/2}`` plus the null experts, if any
+(:func:`~loramoe_ds.model.losses.knowledge_group`),
 ``w`` the fp32 router softmax ``probs_TE`` (for top-k routers: the probabilities
 before the top-k cut) and ``m`` the attention mask: padding never counts. The
 tokens are the prompt (training format) + the gold answer + EOS, exactly the
@@ -56,10 +57,10 @@ class UtilisationRecorder:
         assert self.mask_T is not None, "set recorder.mask_T before the forward"
         m_T = self.mask_T.to(routing.probs_TE.device, torch.float32)
         w_TE = routing.probs_TE.float() * m_T[:, None]
-        know_E = knowledge_group(routing.num_experts, w_TE.device)
+        know_E = knowledge_group(routing.num_experts, w_TE.device, routing.num_null)
         acc = self.sums.setdefault(
             (layer.layer_idx, self.task_type),
-            [0.0, 0.0, torch.zeros(routing.num_experts, dtype=torch.float64)],
+            [0.0, 0.0, torch.zeros(routing.num_slots, dtype=torch.float64)],
         )
         acc[0] += float(w_TE[:, know_E].sum(dtype=torch.float64))
         acc[1] += float(m_T.sum(dtype=torch.float64))
@@ -130,6 +131,7 @@ def expert_utilisation(
     out: dict[str, Any] = {
         "layers": layer_ids,
         "num_experts": [model.experts_per_layer[i] for i in layer_ids],
+        "null_experts": model.cfg.null_experts,
         "linears_per_layer": [len(rec.linears[i]) for i in layer_ids],
         "knowledge_share": {},
         "expert_probs": {},

@@ -225,23 +225,31 @@ def grouped_matmul(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tens
 
 
 def sort_by_expert(
-    experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None
+    experts_TK: torch.Tensor,
+    num_experts: int,
+    capacity: int | None = None,
+    num_slots: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the (token, slot) assignments by expert (stable: token order within).
 
     Args:
-        experts_TK: Expert index of each (token, slot).
-        num_experts: E.
+        experts_TK: Slot index of each (token, slot).
+        num_experts: E; slots ``>= E`` are null experts, whose assignments are
+            left out (they compute nothing).
         capacity: Optional cap on rows per expert; assignments past it (in token
             order) are dropped.
+        num_slots: S = E + N router slots (default E).
 
     Returns:
-        ``order_N``: indices into the flattened ``T*K`` assignments, grouped by
-        expert; ``counts_E``: rows per expert (after the cap).
+        ``order_N``: indices into the flattened ``T*K`` assignments to LoRA
+        experts, grouped by expert; ``counts_E``: rows per expert (after the cap).
     """
     flat = experts_TK.reshape(-1)
     order_N = torch.argsort(flat, stable=True)
-    counts_E = torch.bincount(flat, minlength=num_experts)
+    counts_E = torch.bincount(flat, minlength=num_slots or num_experts)
+    if counts_E.numel() > num_experts:  # null slots sort last: cut them off
+        counts_E = counts_E[:num_experts]
+        order_N = order_N[: int(counts_E.sum())]
     if capacity is not None:
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         sorted_expert_N = flat[order_N]
@@ -251,13 +259,12 @@ def sort_by_expert(
     return order_N, counts_E
 
 
-def topk_capacity(
-    num_tokens: int, top_k: int, num_experts: int, factor: float | None
-) -> int | None:
-    """Tokens per expert allowed by a capacity factor (``None``: dropless)."""
+def topk_capacity(num_tokens: int, top_k: int, num_slots: int, factor: float | None) -> int | None:
+    """Tokens per expert allowed by a capacity factor: ``ceil(cf * T * K / S)`` over
+    all S router slots (null experts included); ``None`` is dropless."""
     if factor is None:
         return None
-    return math.ceil(factor * num_tokens * top_k / num_experts)
+    return math.ceil(factor * num_tokens * top_k / num_slots)
 
 
 #: ``topk_impl="auto"`` uses the dense masked path when the whole bank is this
@@ -269,19 +276,25 @@ TOPK_IMPLS = ("auto", "dense", "grouped")
 
 
 def dense_gates(
-    gates_TK: torch.Tensor, experts_TK: torch.Tensor, num_experts: int, keep_N: torch.Tensor | None
+    gates_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    num_experts: int,
+    keep_N: torch.Tensor | None,
+    num_slots: int | None = None,
 ) -> torch.Tensor:
     """Scatter top-k gates into a dense ``(T, E)`` matrix (zeros for unselected experts).
 
     Args:
         gates_TK: Renormalised top-k gates.
-        experts_TK: Their expert indices.
-        num_experts: E.
+        experts_TK: Their slot indices.
+        num_experts: E (the columns returned; null slots ``>= E`` are dropped).
         keep_N: Optional bool mask over the flattened ``T*K`` assignments
             (capacity-dropped assignments get gate 0).
+        num_slots: S = E + N router slots (default E).
     """
     g_TK = gates_TK if keep_N is None else gates_TK * keep_N.view_as(gates_TK)
-    return g_TK.new_zeros(g_TK.shape[0], num_experts).scatter_add(1, experts_TK, g_TK)
+    g_TS = g_TK.new_zeros(g_TK.shape[0], num_slots or num_experts).scatter_add(1, experts_TK, g_TK)
+    return g_TS[:, :num_experts]
 
 
 def local_mixture(
@@ -305,6 +318,10 @@ def local_mixture(
       dense ``(T, E)`` gate matrix, zeros elsewhere (FLOPs ~ T*E*R*(D+O), no row
       gathers). Unselected experts get exactly zero gradient from a token.
 
+    Null experts (slots ``>= E`` of ``routing``) contribute nothing on every
+    path: soft gates cover the E experts only; top-k assignments to a null slot
+    get no row (grouped) or no column (dense).
+
     Args:
         bank: The experts.
         x_TD: Expert input (after dropout).
@@ -325,18 +342,18 @@ def local_mixture(
     if topk_impl not in TOPK_IMPLS:
         raise ValueError(f"topk_impl={topk_impl!r}: valid values {list(TOPK_IMPLS)}")
     T, K = routing.experts_TK.shape
-    E = bank.num_experts
-    cap = topk_capacity(T, K, E, capacity_factor)
+    E, S = bank.num_experts, routing.num_slots
+    cap = topk_capacity(T, K, S, capacity_factor)
     dense = topk_impl == "dense" or (topk_impl == "auto" and E * bank.rank <= DENSE_TOPK_MAX_WIDTH)
     if dense:
         keep_N = None
         if cap is not None:
-            order_N, _ = sort_by_expert(routing.experts_TK, E, cap)
+            order_N, _ = sort_by_expert(routing.experts_TK, E, cap, S)
             keep_N = torch.zeros(T * K, dtype=torch.bool, device=x_TD.device)
             keep_N[order_N] = True
-        g_TE = dense_gates(routing.gates_TK, routing.experts_TK, E, keep_N)
+        g_TE = dense_gates(routing.gates_TK, routing.experts_TK, E, keep_N, S)
         return bank(x_TD, gates_TE=g_TE, out_TO=out_TO, scale=scale, inplace=inplace)
-    order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap)
+    order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap, S)
     token_N = order_N // K
     c_N = routing.gates_TK.reshape(-1).index_select(0, order_N)
     c_N = c_N * scale if scale != 1.0 else c_N

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +28,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from loramoe_ds.config import AdapterConfig
-from loramoe_ds.model.losses import (
-    lbc_from_sums,
-    load_balance_from_sums,
-    load_balance_sums,
-    record_sums,
-    row_segments,
-    z_loss,
-)
+from loramoe_ds.model.aux_losses import AuxGather, Recorder, aux_losses, records_of_batch
 from loramoe_ds.model.moe_linear import MoELoRALinear
-from loramoe_ds.model.router import Routing
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,11 +42,14 @@ class LoRAMoEOutput(ModelOutput):
     """Result of :meth:`LoRAMoEModel.forward` (a ``ModelOutput``: ZeRO-3 hooks see its tensors).
 
     Attributes:
-        loss: ``lm_loss + lbc_beta*lbc + lb_coef*load_balance + z_coef*z``.
+        loss: ``lm_loss + lbc_beta*lbc + sup_coef*router_supervision
+            + lb_coef*load_balance + z_coef*z``.
         lm_loss: Next-token cross-entropy summed over labelled positions, divided by
             ``num_items_in_batch`` when given, else by this batch's labelled count.
         lm_loss_sum: The sum itself (fp32), for token-mean reductions across ranks.
         lbc_loss: Sum over adapted linears of the LBC (unweighted).
+        router_supervision_loss: Mean over adapted linears of the router
+            supervision loss (unweighted; 0 when its coefficient is 0).
         load_balance_loss: Sum over decoder layers of the load-balancing loss.
         z_loss: Sum over adapted linears of the router z-loss.
         logits: Full logits (only when ``labels`` is None).
@@ -66,22 +60,11 @@ class LoRAMoEOutput(ModelOutput):
     lm_loss: torch.Tensor | None = None
     lm_loss_sum: torch.Tensor | None = None
     lbc_loss: torch.Tensor | None = None
+    router_supervision_loss: torch.Tensor | None = None
     load_balance_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     num_label_tokens: int | None = None
-
-
-@dataclass
-class _Recorder:
-    """Collects the routing of every adapted linear during one forward."""
-
-    records: dict[str, tuple[MoELoRALinear, Routing]] = field(default_factory=dict)
-
-    def record(self, layer: MoELoRALinear, routing: Routing) -> None:
-        # Keyed by module name: a recomputation (activation checkpointing)
-        # overwrites instead of double-counting.
-        self.records[layer.name] = (layer, routing)
 
 
 def _layer_index(name: str) -> int | None:
@@ -175,6 +158,7 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> LoRAMoEModel:
             layer_idx=idx,
             capacity_factor=cfg.capacity_factor,
             uniform_routing=cfg.uniform_routing,
+            null_experts=cfg.null_experts,
         )
         ref = next(linear.parameters(), None)
         if ref is not None and ref.dtype.is_floating_point:
@@ -184,52 +168,6 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> LoRAMoEModel:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapped)
     return LoRAMoEModel(model, cfg, counts)
-
-
-class AuxGather(Protocol):
-    """Concatenates rows over the data-parallel ranks (``loramoe_ds.parallel.aux_scope``).
-
-    ``t_NX -> t_MX`` with M the sum of every rank's N; its backward sums the
-    incoming gradients over ranks and returns this rank's rows.
-    """
-
-    def __call__(self, t_NX: torch.Tensor) -> torch.Tensor: ...
-
-
-def _records(mask_BS, seq_ids_BS, task_type):
-    """Record index of every token and the type of every record.
-
-    Unpacked: record = row (``N = B``; padding gets -1). Packed: record = (row,
-    seq id), numbered in row-major order of first appearance.
-
-    Returns:
-        ``(seg_T, N, type_N or None)``.
-    """
-    B, S = mask_BS.shape
-    dev = mask_BS.device
-    if seq_ids_BS is None:
-        seg_T = row_segments(mask_BS)
-        type_N = None
-        if task_type is not None:
-            type_N = task_type.to(dev)
-            if type_N.dim() == 2:  # per token: the first real token's value per row
-                first_B = mask_BS.long().argmax(dim=1)
-                type_N = type_N.gather(1, first_B[:, None])[:, 0]
-        return seg_T, B, type_N
-    key_T = (torch.arange(B, device=dev)[:, None] * (S + 1) + seq_ids_BS.clamp(min=0)).reshape(-1)
-    real_T = (seq_ids_BS >= 0).reshape(-1)
-    uniq, inv_T = torch.unique(key_T[real_T], return_inverse=True)
-    seg_T = torch.full_like(key_T, -1)
-    seg_T[real_T] = inv_T
-    n = int(uniq.numel())
-    type_N = None
-    if task_type is not None:
-        tt = task_type.to(dev)
-        if tt.dim() == 1:
-            tt = tt[:, None].expand(B, S)
-        type_N = torch.zeros(n, dtype=torch.long, device=dev)
-        type_N[inv_T] = tt.reshape(-1)[real_T].long()
-    return seg_T, n, type_N
 
 
 class LoRAMoEModel(nn.Module):
@@ -294,7 +232,8 @@ class LoRAMoEModel(nn.Module):
                 t predicts ``labels[t]`` from tokens ``< t`` (HF convention).
             task_type: 1 = world knowledge, 0 = downstream: ``(B,)`` per row, or
                 ``(B, S)`` per token (packed rows: each token carries its
-                record's type). Needed when ``lbc_beta > 0``.
+                record's type). Needed when ``lbc_beta > 0`` or
+                ``router_supervision_coef > 0``.
             position_ids: ``(B, S)``; for packed rows they restart at 0 for every
                 record, and the model's own attention masking (transformers builds
                 a block-diagonal causal mask from them, or varlen flash attention
@@ -321,11 +260,13 @@ class LoRAMoEModel(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             token_mask_BS = attention_mask
             base_mask = attention_mask
-        if labels is not None and task_type is None and self.cfg.lbc_beta > 0:
-            raise ValueError(
-                "lbc_beta > 0 needs the per-sample task_type (1 = world knowledge, "
-                "0 = downstream) in the batch; set lbc_beta=0 to train without the LBC"
-            )
+        if labels is not None and task_type is None:
+            for name in ("lbc_beta", "router_supervision_coef"):
+                if getattr(self.cfg, name) > 0:
+                    raise ValueError(
+                        f"{name} > 0 needs the per-sample task_type (1 = world knowledge, "
+                        f"0 = downstream) in the batch; set {name}=0 to train without it"
+                    )
         attn = str(getattr(getattr(self.base, "config", None), "_attn_implementation", ""))
         if packed and attn.startswith("flash") and input_ids.shape[0] > 1:
             # transformers finds varlen boundaries in position_ids only for one row:
@@ -339,7 +280,7 @@ class LoRAMoEModel(nn.Module):
             # No KV cache when training: it costs memory, and transformers only
             # derives the packed block-diagonal mask when there is none.
             kwargs.setdefault("use_cache", False)
-        recorder = _Recorder()
+        recorder = Recorder()
         layers = self.moe_layers()
         for layer in layers:
             layer.recorder = recorder
@@ -369,23 +310,27 @@ class LoRAMoEModel(nn.Module):
                     "and the routing losses need one routed token per input position; "
                     "adapt linears that see the input positions only"
                 )
-        seg_T, n_rec, type_N = _records(token_mask_BS, seq_ids, task_type)
-        lbc, lb, zl = self._aux_losses(recorder, token_mask_BS.reshape(-1), seg_T, n_rec, type_N)
+        seg_T, n_rec, type_N = records_of_batch(token_mask_BS, seq_ids, task_type)
+        aux = aux_losses(
+            recorder, self.cfg, token_mask_BS.reshape(-1), seg_T, n_rec, type_N, self.aux_gather
+        )
         loss = None
         if lm_loss is not None:
             loss = (
                 lm_loss
-                + self.cfg.lbc_beta * lbc
-                + self.cfg.load_balance_coef * lb
-                + self.cfg.z_loss_coef * zl
+                + self.cfg.lbc_beta * aux.lbc
+                + self.cfg.router_supervision_coef * aux.supervision
+                + self.cfg.load_balance_coef * aux.load_balance
+                + self.cfg.z_loss_coef * aux.z
             )
         return LoRAMoEOutput(
             loss=loss,
             lm_loss=lm_loss,
             lm_loss_sum=lm_sum,
-            lbc_loss=lbc,
-            load_balance_loss=lb,
-            z_loss=zl,
+            lbc_loss=aux.lbc,
+            router_supervision_loss=aux.supervision,
+            load_balance_loss=aux.load_balance,
+            z_loss=aux.z,
             logits=logits,
             num_label_tokens=n_lab,
         )
@@ -426,7 +371,7 @@ class LoRAMoEModel(nn.Module):
         loss = F.cross_entropy(logits_LV, target_BS[keep_BS], reduction="sum")
         return loss, n
 
-    def _check_recorded_with_grad(self, recorder: _Recorder) -> None:
+    def _check_recorded_with_grad(self, recorder: Recorder) -> None:
         """Refuse routing recorded without autograd while aux losses should train routers.
 
         Reentrant activation checkpointing runs the first forward under no-grad:
@@ -435,7 +380,10 @@ class LoRAMoEModel(nn.Module):
         """
         if not (torch.is_grad_enabled() and self.training):
             return
-        if not (self.cfg.lbc_beta or self.cfg.load_balance_coef or self.cfg.z_loss_coef):
+        cfg = self.cfg
+        if not (
+            cfg.lbc_beta or cfg.router_supervision_coef or cfg.load_balance_coef or cfg.z_loss_coef
+        ):
             return
         for layer, routing in recorder.records.values():
             if layer.router.weight.requires_grad and not routing.probs_TE.requires_grad:
@@ -446,53 +394,6 @@ class LoRAMoEModel(nn.Module):
                     '(gradient_checkpointing_kwargs={"use_reentrant": False}, what '
                     "train.activation_checkpointing does)"
                 )
-
-    def _aux_losses(self, recorder: _Recorder, mask_T, seg_T, n_rec, type_N):
-        """LBC (per adapted linear), load balance (per decoder layer), z-loss.
-
-        With ``aux_gather`` set (``aux_loss_scope = "global_batch"``) the
-        per-record sums ``Q`` of every adapted linear (one matrix, one gather)
-        and the load-balance sums of every layer (one vector, one gather) are
-        joined over the data-parallel ranks first.
-        """
-        dev = mask_T.device
-        records = list(recorder.records.values())
-        zl = torch.zeros((), device=dev)
-        for _, routing in records:
-            zl = zl + z_loss(routing.logits_TE, mask_T)
-
-        lbc = torch.zeros((), device=dev)
-        if type_N is not None and records:
-            q_NC = torch.cat([record_sums(r.probs_TE, seg_T, n_rec) for _, r in records], 1)
-            if self.aux_gather is not None:
-                both = self.aux_gather(torch.cat([q_NC, type_N.to(q_NC)[:, None]], 1))
-                q_NC, type_N = both[:, :-1], both[:, -1].round().long()
-            col = 0
-            for _, routing in records:
-                E = routing.num_experts
-                q_NE = q_NC[:, col : col + E]
-                col += E
-                lbc = lbc + lbc_from_sums(q_NE, type_N, self.cfg.lbc_delta, self.cfg.lbc_variant)
-
-        by_layer: dict[int, list[Routing]] = {}
-        for layer, routing in records:
-            by_layer.setdefault(layer.layer_idx, []).append(routing)
-        sums, shapes = [], []
-        for routings in by_layer.values():
-            probs = torch.cat([r.probs_TE for r in routings])
-            experts = None if routings[0].is_soft else torch.cat([r.experts_TK for r in routings])
-            sums.append(load_balance_sums(probs, experts, mask_T.repeat(len(routings))))
-            shapes.append((routings[0].num_experts, 1 if experts is None else experts.shape[-1]))
-        lb = torch.zeros((), device=dev)
-        if sums:
-            flat_X = torch.cat(sums)
-            if self.aux_gather is not None:
-                flat_X = self.aux_gather(flat_X[None]).sum(0)
-            off = 0
-            for E, K in shapes:
-                lb = lb + load_balance_from_sums(flat_X[off : off + 2 * E + 1], E, K)
-                off += 2 * E + 1
-        return lbc, lb, zl
 
     # -- adapter I/O -----------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

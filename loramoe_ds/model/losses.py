@@ -1,11 +1,11 @@
 """Auxiliary router losses in fp32, padding masked (docs/design.md, "Auxiliary losses").
 
-Shape legend: B samples (rows), S sequence positions, T = B*S tokens, E experts,
-K experts per token, N records (a record is one training example: a row of an
-unpacked batch, or one segment of a packed row), C = E + 1 columns of the
-gathered LBC sums (E sums + the record's type).
+Shape legend: B samples (rows), S sequence positions, T = B*S tokens, E router
+slots (LoRA experts plus null experts, when there are any), K experts per
+token, N records (a record is one training example: a row of an unpacked batch,
+or one segment of a packed row).
 
-``w[t,e]`` are router probabilities (softmax over all experts); a token belongs
+``w[t,e]`` are router probabilities (softmax over all slots); a token belongs
 to record ``seg[t]`` (``-1``: padding, never counted).
 
 Each loss is split into *sums* that can be concatenated or added over
@@ -27,12 +27,22 @@ import torch
 LBC_EPS = 1e-10
 
 
-def knowledge_group(num_experts: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean mask of the world-knowledge experts ``e < E/2`` (the rest: downstream).
+def knowledge_group(
+    num_experts: int, device: torch.device | None = None, num_null: int = 0
+) -> torch.Tensor:
+    """Boolean mask over the ``E + N`` router slots of the world-knowledge group.
 
-    For odd E the knowledge group is ``[0, ceil(E/2))`` (``e < E/2`` literally).
+    The knowledge group is the LoRA experts ``e < E/2`` (for odd E,
+    ``[0, ceil(E/2))``) plus every null expert ``[E, E+N)``; the rest,
+    ``[ceil(E/2), E)``, is the downstream group.
+
+    Args:
+        num_experts: E, the LoRA experts.
+        device: Device of the mask.
+        num_null: N, the null experts.
     """
-    return torch.arange(num_experts, device=device) * 2 < num_experts
+    e = torch.arange(num_experts + num_null, device=device)
+    return (e * 2 < num_experts) | (e >= num_experts)
 
 
 def row_segments(mask_BS: torch.Tensor) -> torch.Tensor:
@@ -60,10 +70,11 @@ def record_sums(probs_TE: torch.Tensor, seg_T: torch.Tensor, num_records: int) -
 
 
 def lbc_importance(
-    task_type_N: torch.Tensor, num_experts: int, delta: float, device=None
+    task_type_N: torch.Tensor, num_experts: int, delta: float, device=None, num_null: int = 0
 ) -> torch.Tensor:
-    """``I[n,e] = 1+delta`` where expert group and record type match, else ``1-delta``."""
-    know_E = knowledge_group(num_experts, device)
+    """``I[n,e] = 1+delta`` where slot group and record type match, else ``1-delta``
+    (over the ``E + N`` slots; null experts are in the knowledge group)."""
+    know_E = knowledge_group(num_experts, device, num_null)
     is_know_N = task_type_N.to(device).bool()
     match_NE = know_E[None, :] == is_know_N[:, None]
     return torch.where(match_NE, 1.0 + delta, 1.0 - delta).float()
@@ -75,6 +86,7 @@ def lbc_from_sums(
     delta: float,
     variant: str = "published",
     eps: float = LBC_EPS,
+    num_null: int = 0,
 ) -> torch.Tensor:
     """LoRAMoE localized balancing constraint from per-record router-weight sums.
 
@@ -93,11 +105,13 @@ def lbc_from_sums(
         delta: Importance offset in [0, 1).
         variant: ``"published"`` or ``"intended"``.
         eps: Stabiliser of the denominator.
+        num_null: N, the null experts (the last N columns of ``q_NE``).
 
     Returns:
         Scalar fp32 loss (0 when Z has fewer than two entries).
     """
-    imp_NE = lbc_importance(task_type_N, q_NE.shape[-1], delta, q_NE.device)
+    E = q_NE.shape[-1] - num_null
+    imp_NE = lbc_importance(task_type_N, E, delta, q_NE.device, num_null)
     if variant == "published":
         z = (imp_NE * q_NE).flatten()
     elif variant == "intended":
@@ -138,7 +152,12 @@ def lbc_loss(
 
 
 def lbc_optimal_shares(
-    num_experts: int, delta: float, variant: str, n_know: int = 1, n_down: int = 1
+    num_experts: int,
+    delta: float,
+    variant: str,
+    n_know: int = 1,
+    n_down: int = 1,
+    num_null: int = 0,
 ) -> tuple[float, float]:
     """Knowledge-group share of the router weight at the LBC's minimum (reference).
 
@@ -152,14 +171,17 @@ def lbc_optimal_shares(
     record type) Z becomes uniform and the shares are ``(1 -/+ delta)/2``
     (published) / ``(1 +/- delta)/2`` (intended) for knowledge / downstream records.
 
+    Null experts count as knowledge-group slots (``num_null``): the optimum
+    depends only on the two groups' sizes.
+
     Returns:
         (share of the knowledge group for knowledge records, for downstream records);
         a share is ``nan`` when that record type is absent.
     """
     if variant not in ("published", "intended"):
         raise ValueError(f"lbc variant {variant!r}: valid values are ['published', 'intended']")
-    K = int(knowledge_group(num_experts).sum())
-    D = num_experts - K
+    K = int(knowledge_group(num_experts, num_null=num_null).sum())
+    D = num_experts + num_null - K
     hi, lo = 1.0 + delta, 1.0 - delta
     # I on (knowledge group, downstream group) per record type; Q = z * q_per_z(I).
     imp = {1: (hi, lo), 0: (lo, hi)}
@@ -188,6 +210,57 @@ def lbc_optimal_shares(
         qk, qd = float(x[2 * j]) * s[2 * j], float(x[2 * j + 1]) * s[2 * j + 1]
         shares[t] = K * qk / (K * qk + D * qd)
     return shares[1], shares[0]
+
+
+def supervision_sums(
+    logits_TE: torch.Tensor, know_E: torch.Tensor, seg_T: torch.Tensor, num_records: int
+) -> torch.Tensor:
+    """Per record, the summed log knowledge-group share and log downstream-group share.
+
+    ``s[t] = sum_{e in knowledge group} w[t,e]``, computed stably from the
+    logits: ``log s[t] = logsumexp(l[t, know]) - logsumexp(l[t])`` and
+    ``log(1 - s[t]) = logsumexp(l[t, down]) - logsumexp(l[t])``.
+
+    Args:
+        logits_TE: Router logits over all slots.
+        know_E: Boolean knowledge-group mask (:func:`knowledge_group`); both
+            groups must be non-empty.
+        seg_T: Record index of each token, ``-1`` on padding.
+        num_records: N.
+
+    Returns:
+        ``ll_N2`` (fp32): ``[sum_t log s[t], sum_t log(1 - s[t])]`` per record.
+    """
+    l_TE = logits_TE.float()
+    lse_T = torch.logsumexp(l_TE, dim=-1)
+    lk_T = torch.logsumexp(l_TE[:, know_E], dim=-1) - lse_T
+    ld_T = torch.logsumexp(l_TE[:, ~know_E], dim=-1) - lse_T
+    return record_sums(torch.stack([lk_T, ld_T], dim=1), seg_T, num_records)
+
+
+def supervision_from_sums(
+    ll_N2: torch.Tensor, count_N: torch.Tensor, task_type_N: torch.Tensor
+) -> torch.Tensor:
+    """Router supervision loss: the mean over records of each record's token-mean
+    binary cross-entropy between the knowledge-group share and its type.
+
+    ``L = mean_n [ -(1/len_n) sum_{t in n} (y_n log s[t] + (1 - y_n) log(1 - s[t])) ]``
+    over the records with at least one token (docs/design.md, "Router supervision").
+
+    Args:
+        ll_N2: :func:`supervision_sums`.
+        count_N: Tokens of each record.
+        task_type_N: 1 = world knowledge, 0 = downstream.
+
+    Returns:
+        Scalar fp32 loss (0 for a batch with no tokens).
+    """
+    is_know_N = task_type_N.to(ll_N2.device).bool()
+    nll_N = -torch.where(is_know_N, ll_N2[:, 0], ll_N2[:, 1])
+    has_N = count_N > 0
+    if not bool(has_N.any()):
+        return ll_N2.sum() * 0.0
+    return (nll_N[has_N] / count_N[has_N].to(nll_N)).mean()
 
 
 def load_balance_sums(

@@ -126,6 +126,8 @@ class MoELoRALinear(nn.Module):
         layer_idx: Decoder layer index.
         capacity_factor: Top-k capacity factor (``None``: dropless).
         uniform_routing: Debug: uniform gates.
+        null_experts: Router slots with no expert (zero delta; docs/design.md,
+            "Null experts").
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class MoELoRALinear(nn.Module):
         layer_idx: int,
         capacity_factor: float | None = None,
         uniform_routing: bool = False,
+        null_experts: int = 0,
     ):
         super().__init__()
         self.base = base
@@ -151,7 +154,9 @@ class MoELoRALinear(nn.Module):
         self.name = name
         self.layer_idx = layer_idx
         self.capacity_factor = capacity_factor
-        self.router = Router(self.in_features, num_experts, router, top_k, uniform_routing)
+        self.router = Router(
+            self.in_features, num_experts, router, top_k, uniform_routing, null_experts
+        )
         self.experts: ExpertBank | None = ExpertBank(
             num_experts, self.in_features, self.out_features, rank
         )
@@ -200,5 +205,5 @@ class MoELoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
-            f"router={self.router.mode}, scaling={self.scaling:g}"
+            f"null={self.router.num_null}, router={self.router.mode}, scaling={self.scaling:g}"
         )

@@ -1,6 +1,11 @@
 """Token routers: dense soft routing (LoRAMoE) and top-k routing (MoLA).
 
-Shape legend: T tokens, D input dim, E experts, K experts per token.
+Shape legend: T tokens, D input dim, E LoRA experts, N null experts, S = E + N
+router slots, K experts per token.
+
+Null experts (docs/design.md, "Null experts") are router slots ``[E, E+N)``
+with no LoRA expert behind them: they take part in the softmax (and top-k), so
+their weight is taken away from the experts, but nothing is computed for them.
 
 The router is a bias-free linear ``W_r: E x D`` applied to the *undropped*
 input; its logits and the softmax are computed in fp32 whatever the activation
@@ -25,23 +30,36 @@ class Routing(NamedTuple):
     router weight again for its backward.
 
     Attributes:
-        logits_TE: fp32 router logits.
-        probs_TE: fp32 softmax of the logits (the ``w`` of the aux losses).
-        gates_TK: fp32 mixing weights. Soft: ``probs_TE`` itself (K == E).
-            Top-k: the k largest probabilities, renormalised to sum to 1
-            (k >= 2); for k = 1 the largest probability itself (Switch).
-        experts_TK: Expert index of each gate (top-k); ``None`` for soft routing,
-            where gate ``k`` belongs to expert ``k``.
+        logits_TE: fp32 router logits over all S slots (``_TE`` names the slot
+            axis; S = E when there are no null experts).
+        probs_TE: fp32 softmax of the logits over all S slots (the ``w`` of the
+            aux losses).
+        gates_TK: fp32 mixing weights of the LoRA experts. Soft: the first E
+            columns of ``probs_TE`` (K == E; the null slots' weight is what the
+            experts lose). Top-k: the k largest probabilities over all slots,
+            renormalised to sum to 1 (k >= 2); for k = 1 the largest
+            probability itself (Switch).
+        experts_TK: Slot index of each gate (top-k; ``>= E`` is a null expert,
+            which computes nothing); ``None`` for soft routing, where gate ``k``
+            belongs to expert ``k``.
+        num_null: N, the null slots at the end of the slot axis.
     """
 
     logits_TE: torch.Tensor
     probs_TE: torch.Tensor
     gates_TK: torch.Tensor
     experts_TK: torch.Tensor | None = None
+    num_null: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        """S = E + N: the width of ``logits_TE`` / ``probs_TE``."""
+        return self.probs_TE.shape[-1]
 
     @property
     def num_experts(self) -> int:
-        return self.probs_TE.shape[-1]
+        """E: the LoRA experts (slots ``[0, E)``)."""
+        return self.probs_TE.shape[-1] - self.num_null
 
     @property
     def is_soft(self) -> bool:
@@ -120,7 +138,7 @@ class _RouterLogitsAndDrop(torch.autograd.Function):
 
 
 class Router(nn.Module):
-    """Per-token gate over E LoRA experts.
+    """Per-token gate over E LoRA experts and N null experts (S = E + N slots).
 
     ``soft`` (LoRAMoE, Dou et al. 2023): ``g = softmax(W_r x)`` over all experts.
     ``topk`` (MoLA, Gao et al. 2024): ``p = softmax(W_r x)``, keep the ``k``
@@ -130,30 +148,48 @@ class Router(nn.Module):
     un-renormalised probability ``g = p_max`` (the Switch Transformer
     convention), through which the LM loss trains the router.
 
+    Null experts are the last N rows of ``W_r``: they compete in the softmax and
+    the top-k like any expert, and the gates handed to the experts cover the E
+    LoRA experts only (soft: ``g_e = p_e``, so ``sum_e g_e = 1 - p_null``).
+
     Args:
         in_features: D, the input width of the adapted linear.
-        num_experts: E.
+        num_experts: E, the LoRA experts.
         mode: ``"soft"`` or ``"topk"``.
         top_k: K for ``"topk"``.
         uniform: Debug switch: ignore the logits' values for the gates (uniform
             soft gates; a deterministic round-robin top-k assignment). Logits and
             probabilities are still computed so aux losses keep their shape.
+        num_null: N, the null experts.
     """
 
     def __init__(
-        self, in_features: int, num_experts: int, mode: str, top_k: int, uniform: bool = False
+        self,
+        in_features: int,
+        num_experts: int,
+        mode: str,
+        top_k: int,
+        uniform: bool = False,
+        num_null: int = 0,
     ):
         super().__init__()
         if mode not in ("soft", "topk"):
             raise ValueError(f"router mode {mode!r}: valid values are ['soft', 'topk']")
-        if mode == "topk" and not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        slots = num_experts + num_null
+        if mode == "topk" and not 1 <= top_k <= slots:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts + null_experts = {slots}]")
         self.num_experts = num_experts
+        self.num_null = num_null
         self.mode = mode
         self.top_k = top_k
         self.uniform = uniform
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
+        self.weight = nn.Parameter(torch.empty(slots, in_features))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    @property
+    def num_slots(self) -> int:
+        """S = E + N."""
+        return self.num_experts + self.num_null
 
     def forward(
         self, x_TD: torch.Tensor, drop_P: torch.Tensor | None = None
@@ -178,20 +214,23 @@ class Router(nn.Module):
     def route(self, logits_TE: torch.Tensor) -> Routing:
         """The routing decision (probabilities, gates, experts) from fp32 logits ``W_r x``."""
         probs_TE = torch.softmax(logits_TE, dim=-1)
+        E, S, N = self.num_experts, self.num_slots, self.num_null
         if self.mode == "soft":
             gates_TE = probs_TE
             if self.uniform:
-                gates_TE = torch.full_like(probs_TE, 1.0 / self.num_experts)
-            return Routing(logits_TE, probs_TE, gates_TE, None)
+                gates_TE = torch.full_like(probs_TE, 1.0 / S)
+            if N:
+                gates_TE = gates_TE[:, :E]
+            return Routing(logits_TE, probs_TE, gates_TE, None, N)
         if self.uniform:
             T, dev = logits_TE.shape[0], logits_TE.device
-            start_T = torch.arange(T, device=dev) % self.num_experts
+            start_T = torch.arange(T, device=dev) % S
             offs_K = torch.arange(self.top_k, device=dev)
-            experts_TK = (start_T[:, None] + offs_K[None, :]) % self.num_experts
+            experts_TK = (start_T[:, None] + offs_K[None, :]) % S
             gates_TK = torch.full((T, self.top_k), 1.0 / self.top_k, device=dev)
-            return Routing(logits_TE, probs_TE, gates_TK.float(), experts_TK)
+            return Routing(logits_TE, probs_TE, gates_TK.float(), experts_TK, N)
         top_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.top_k == 1:
-            return Routing(logits_TE, probs_TE, top_TK, experts_TK)  # Switch: g = p_max
+            return Routing(logits_TE, probs_TE, top_TK, experts_TK, N)  # Switch: g = p_max
         gates_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
-        return Routing(logits_TE, probs_TE, gates_TK, experts_TK)
+        return Routing(logits_TE, probs_TE, gates_TK, experts_TK, N)

@@ -230,8 +230,8 @@ class EPDispatcher:
     def _topk(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         P, L, E = self.ep_size, self.num_local, self.num_experts
         T, K = routing.experts_TK.shape
-        cap = topk_capacity(T, K, E, self.capacity_factor)
-        order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap)
+        cap = topk_capacity(T, K, routing.num_slots, self.capacity_factor)
+        order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap, routing.num_slots)
         token_N = order_N // K
         send_P = counts_E.view(P, L).sum(1)
         recv_PL = exchange_counts(counts_E, self.group, self.stats).view(P, L)

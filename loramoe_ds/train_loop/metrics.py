@@ -73,6 +73,7 @@ STEP_METRICS: tuple[Metric, ...] = (
     Metric("loss", lambda o, b: o.loss, "mean", bar="loss"),
     Metric("lm_loss", lambda o, b: o.lm_loss_sum, "per_label_token", bar="lm"),
     Metric("lbc", lambda o, b: o.lbc_loss, "mean", bar="lbc"),
+    Metric("sup", lambda o, b: o.router_supervision_loss, "mean", bar="sup"),
     Metric("lb", lambda o, b: o.load_balance_loss, "mean", bar="lb", fmt=".2f"),
     Metric("z", lambda o, b: o.z_loss, "mean", bar="z", fmt=".1f"),
     Metric("tokens", lambda o, b: real_tokens(b), "sum"),

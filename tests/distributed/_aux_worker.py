@@ -25,10 +25,14 @@ def main():
     world = int(os.environ["WORLD_SIZE"])
     results = {}
     for case in args["cases"]:
-        cfg = dataclasses.replace(C.adapter_cfg(case["router"]), aux_loss_scope="global_batch")
+        extra = case.get("extra", {})
+        cfg = dataclasses.replace(
+            C.adapter_cfg(case["router"], **extra), aux_loss_scope="global_batch"
+        )
         trainer = MoETrainer.build(
             C.model_factory, cfg, C.ds_config(world, 3), case["ep"], seed=0,
-            init_state=C.init_state(case["router"]),
+            optim=C.optim(), loss_reduction="micro_batch_mean",
+            init_state=C.init_state(case["router"], **extra),
         )  # fmt: skip
         if trainer.model.aux_gather is None:
             trainer.model.aux_gather = DPGather()
@@ -36,17 +40,20 @@ def main():
         frozen = [(n, p) for n, p in trainer.model.base.named_parameters() if not p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in frozen], enabled=True):
             base = {n: p.detach().clone() for n, p in frozen}
-        o = trainer.engine(**C.batch(rank, 0, 0))
-        trainer.engine.backward(o.loss)
-        trainer.sync_expert_grads()
+        got: dict = {}
+        result = trainer.train_step(
+            [C.batch(rank, 0, 0)], lambda t, got=got: got.update(grads=t.full_adapter_grads())
+        )
+        o = result.outputs[0]
         results[case["key"]] = {
             "base": base,
             "loss": float(o.loss),
             "lm": float(o.lm_loss),
             "z": float(o.z_loss),
             "lbc": float(o.lbc_loss),
+            "sup": float(o.router_supervision_loss),
             "lb": float(o.load_balance_loss),
-            "grads": trainer.full_adapter_grads(),
+            "grads": got["grads"],
         }
         dist.barrier()
     torch.save(results, out / f"result_rank{dist.get_rank()}.pt")

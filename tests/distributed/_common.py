@@ -32,50 +32,59 @@ def model_factory():
 model_factory.num_layers = LAYERS
 
 
-def adapter_cfg(router: str, dropout: float = 0.0) -> AdapterConfig:
+def adapter_cfg(router: str, dropout: float = 0.0, **extra) -> AdapterConfig:
+    """The tests' adapter; ``extra`` sets further fields (e.g. ``null_experts``)."""
     if router == "soft":
         return AdapterConfig(
             rank=4, alpha=8.0, dropout=dropout, router="soft", num_experts=4,
-            lbc_beta=0.1, load_balance_coef=0.01, z_loss_coef=0.001,
+            lbc_beta=0.1, load_balance_coef=0.01, z_loss_coef=0.001, **extra,
         )  # fmt: skip
     return AdapterConfig(
         target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
         rank=4, alpha=8.0, dropout=dropout, router="topk", top_k=2, num_experts=[4, 8],
-        lbc_beta=0.05, load_balance_coef=0.01, z_loss_coef=0.001,
+        lbc_beta=0.05, load_balance_coef=0.01, z_loss_coef=0.001, **extra,
     )  # fmt: skip
 
 
-def ds_config(world: int, stage: int, gas: int = 1, clip: float = 0.0, sched: bool = False):
-    cfg = {
+def ds_config(world: int, stage: int, gas: int = 1):
+    """The tests' DeepSpeed JSON: batch sizes and ZeRO only (the optimizer is :func:`optim`)."""
+    return {
         "train_micro_batch_size_per_gpu": MICRO_B,
         "gradient_accumulation_steps": gas,
         "train_batch_size": MICRO_B * gas * world,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01},
-        },
-        "gradient_clipping": clip,
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
     }
-    if sched:
-        cfg["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 1e-3,
-                "warmup_max_lr": 1e-2,
-                "warmup_num_steps": 4,
-                "warmup_type": "linear",
-            },
-        }
-    return cfg
 
 
-def init_state(router: str, seed: int = 1) -> dict[str, torch.Tensor]:
+def optim(clip: float = 0.0):
+    """The tests' AdamW settings and joint clip (``clip`` 0: off)."""
+    from loramoe_ds.parallel.settings import OptimizerSettings
+
+    return OptimizerSettings(
+        lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, grad_clip=clip
+    )
+
+
+def warmup_lr(sched: bool = True):
+    """DeepSpeed's linear ``WarmupLR``, 1e-3 -> 1e-2 in 4 steps (``None``: ``sched`` off)."""
+    if not sched:
+        return None
+
+    def build(optimizer):
+        from deepspeed.runtime.lr_schedules import WarmupLR
+
+        return WarmupLR(optimizer, warmup_min_lr=1e-3, warmup_max_lr=1e-2, warmup_num_steps=4,
+                        warmup_type="linear")  # fmt: skip
+
+    return build
+
+
+def init_state(router: str, seed: int = 1, **extra) -> dict[str, torch.Tensor]:
     """A full adapter state with non-zero B (so every gradient is non-trivial)."""
     from loramoe_ds.model.inject import inject
 
-    names = inject(model_factory(), adapter_cfg(router)).adapter_named_parameters()
+    names = inject(model_factory(), adapter_cfg(router, **extra)).adapter_named_parameters()
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n, p in names:

@@ -23,10 +23,16 @@ import _common as C  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
+#: Null experts and router supervision (docs/design.md): extra router slots and a
+#: per-record loss over the gathered sums, checked on the same references.
+NULL_SUP = {"null_experts": 2, "router_supervision_coef": 0.5}
 CASES = {
-    2: [dict(key="ep1_soft", ep=1, router="soft"), dict(key="ep2_topk", ep=2, router="topk")],
+    2: [dict(key="ep1_soft", ep=1, router="soft"), dict(key="ep2_topk", ep=2, router="topk"),
+        dict(key="ep2_soft_null_sup", ep=2, router="soft", extra=NULL_SUP)],
     4: [dict(key="ep2_soft", ep=2, router="soft"), dict(key="ep1_topk", ep=1, router="topk"),
-        dict(key="ep4_topk", ep=4, router="topk")],
+        dict(key="ep4_topk", ep=4, router="topk"),
+        dict(key="ep4_topk_null_sup", ep=4, router="topk", extra=NULL_SUP),
+        dict(key="ep1_soft_null_sup", ep=1, router="soft", extra=NULL_SUP)],
 }  # fmt: skip
 
 
@@ -44,11 +50,14 @@ def concat(batches):
 def reference(base, case, world):
     from loramoe_ds.model.inject import inject
 
-    cfg = dataclasses.replace(C.adapter_cfg(case["router"]), aux_loss_scope="global_batch")
+    extra = case.get("extra", {})
+    cfg = dataclasses.replace(
+        C.adapter_cfg(case["router"], **extra), aux_loss_scope="global_batch"
+    )
     model = inject(C.model_factory(), cfg)
     model.base.load_state_dict(base, strict=False)
     adapter = dict(model.adapter_named_parameters())
-    init = C.init_state(case["router"])
+    init = C.init_state(case["router"], **extra)
     with torch.no_grad():
         for n, p in adapter.items():
             p.copy_(init[n])
@@ -56,7 +65,11 @@ def reference(base, case, world):
     per_rank = [model(**b) for b in batches]
     whole = model(**concat(batches))
     local = [o.lm_loss + cfg.z_loss_coef * o.z_loss for o in per_rank]
-    aux = cfg.lbc_beta * whole.lbc_loss + cfg.load_balance_coef * whole.load_balance_loss
+    aux = (
+        cfg.lbc_beta * whole.lbc_loss
+        + cfg.router_supervision_coef * whole.router_supervision_loss
+        + cfg.load_balance_coef * whole.load_balance_loss
+    )
     total = sum(local) / world + aux
     params = list(adapter.values())
     grads = torch.autograd.grad(total, params)
@@ -64,6 +77,7 @@ def reference(base, case, world):
         "rank_losses": [float((x + aux).detach()) for x in local],
         "micro_lbc": [float(o.lbc_loss.detach()) for o in per_rank],
         "lbc": float(whole.lbc_loss.detach()),
+        "sup": float(whole.router_supervision_loss.detach()),
         "lb": float(whole.load_balance_loss.detach()),
         "grads": dict(zip(adapter, grads)),
     }
@@ -79,6 +93,9 @@ def test_global_batch_aux_equals_one_process(world, tmp_path):
             got = results[r][key]
             assert got["lbc"] == pytest.approx(ref["lbc"], rel=1e-5), (key, r)
             assert got["lb"] == pytest.approx(ref["lb"], rel=1e-5), (key, r)
+            assert got["sup"] == pytest.approx(ref["sup"], rel=1e-5), (key, r)
+            if "extra" in case:
+                assert ref["sup"] > 0, key  # the supervision loss is really on
             assert got["loss"] == pytest.approx(ref["rank_losses"][r], rel=1e-5), (key, r)
         grads = results[0][key]["grads"]
         assert set(grads) == set(ref["grads"])
