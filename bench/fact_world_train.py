@@ -26,6 +26,7 @@ FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *FFN_TARGETS)
 EXPERTS = 6
 RANK = 4
+NULL = 2
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class Method:
 
 
 def make_methods(
-    delta: float = 0.1, beta: float = 0.1, targets: Sequence[str] = FFN_TARGETS
+    delta: float = 0.1,
+    beta: float = 0.1,
+    targets: Sequence[str] = FFN_TARGETS,
+    sup: float = 1.0,
 ) -> dict[str, Method]:
     """Full SFT, LoRA at LoRAMoE's total rank ``E*r``, LoRAMoE without / with both LBC
     variants (paper delta, beta), and MoLA top-2 ("2468" over the 4 layers); all
@@ -62,6 +66,10 @@ def make_methods(
             "mola_2468", "moe", "MoLA 2468 top-2",
             dict(moe, num_experts="2468", router="topk", top_k=2, lbc_beta=0.0),
         ),
+        Method("loramoe_sup", "moe", "LoRAMoE + router supervision",
+               dict(nolbc, router_supervision_coef=sup)),
+        Method("loramoe_null_sup", "moe", f"LoRAMoE + {NULL} null + router supervision",
+               dict(nolbc, null_experts=NULL, router_supervision_coef=sup)),
     ]  # fmt: skip
     return {m.name: m for m in methods}
 

@@ -282,6 +282,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--adapter-lr", type=float, default=3e-3)
     ap.add_argument("--delta", type=float, default=0.1, help="LBC delta")
     ap.add_argument("--beta", type=float, default=0.1, help="LBC beta")
+    ap.add_argument("--sup", type=float, default=1.0, help="router supervision coefficient")
     ap.add_argument("--eval-per-task", type=int, default=50)
     ap.add_argument("--cache-root", default=None, help="pretrained-world cache (~/.cache/...)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny world and model")
@@ -295,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(args.out)
     targets = fwt.ALL_TARGETS if args.targets == "all" else fwt.FFN_TARGETS
-    methods = fwt.make_methods(args.delta, args.beta, targets)
+    methods = fwt.make_methods(args.delta, args.beta, targets, args.sup)
     order = list(methods)
     docs = Path(args.docs) if args.docs else None
     if args.table_only:

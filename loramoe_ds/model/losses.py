@@ -130,6 +130,7 @@ def lbc_loss(
     delta: float,
     variant: str = "published",
     eps: float = LBC_EPS,
+    num_null: int = 0,
 ) -> torch.Tensor:
     """LBC of an unpacked batch: one record per row (see :func:`lbc_from_sums`).
 
@@ -145,10 +146,11 @@ def lbc_loss(
         delta: Importance offset in [0, 1).
         variant: ``"published"`` or ``"intended"``.
         eps: Stabiliser of the denominator.
+        num_null: N, the null experts (the last N slots).
     """
     B, S, _ = probs_BSE.shape
     q_BE = record_sums(probs_BSE.reshape(B * S, -1), row_segments(mask_BS), B)
-    return lbc_from_sums(q_BE, task_type_B, delta, variant, eps)
+    return lbc_from_sums(q_BE, task_type_B, delta, variant, eps, num_null)
 
 
 def lbc_optimal_shares(

@@ -69,14 +69,15 @@ def ds_config(world: int, micro: int, gas: int, stage: int) -> dict:
     }
 
 
-def adapter_cfg(router: str, aux: bool):
+def adapter_cfg(router: str, aux: bool, extra: dict):
     """The distributed tests' adapter; LBC and load balance over the step's ranks, or no aux.
 
     The z-loss is off: it is a mean over one micro-batch's tokens whatever
     ``aux_loss_scope`` says, so its value and gradient depend on how the step is
-    split into micro-batches.
+    split into micro-batches. ``extra`` sets further fields (null experts, router
+    supervision).
     """
-    cfg = C.adapter_cfg(router)
+    cfg = C.adapter_cfg(router, **extra)
     if aux:
         return dataclasses.replace(cfg, aux_loss_scope="global_batch", z_loss_coef=0.0)
     return dataclasses.replace(cfg, lbc_beta=0.0, load_balance_coef=0.0, z_loss_coef=0.0)
@@ -88,11 +89,11 @@ def one_run(spec: dict, out: Path) -> dict:
     world = int(os.environ["WORLD_SIZE"])
     trainer = MoETrainer.build(
         C.model_factory,
-        adapter_cfg(spec["router"], spec.get("aux", True)),
+        adapter_cfg(spec["router"], spec.get("aux", True), spec.get("extra", {})),
         ds_config(world, spec["micro"], spec["gas"], spec.get("stage", 3)),
         spec["ep"],
         seed=0,
-        init_state=C.init_state(spec["router"]),
+        init_state=C.init_state(spec["router"], **spec.get("extra", {})),
     )
     rank = dist.get_rank()
     sampler = ResumableDistributedSampler(RECORDS, world, rank, seed=5, global_batch=GLOBAL_BATCH)

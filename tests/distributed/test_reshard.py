@@ -12,6 +12,8 @@ and its final adapter, to fp32 rounding:
 * world size 2 -> 4 (ep 2), 4 -> 2 (ep 4 -> 2), 2 -> 1 (ep 2 -> 1);
 * ep_size 2 -> 1 (above), 1 -> 2 (world 2), 4 -> 2 (world 4);
 * ZeRO-2 instead of ZeRO-3: world 2 -> 4 with ep 1 -> 2;
+* null experts and router supervision (docs/design.md): top-k world 2 -> 4 with
+  ep 2 -> 4, soft world 2 -> 1 with ep 2 -> 1;
 * 2 ranks x micro 4 -> 1 rank x micro 4 x GAS 2, LM loss only: the aux losses
   are statistics of one micro-step (over its ranks), so changing GAS changes
   them; the token-mean LM loss covers the whole step at any GAS.
@@ -36,6 +38,7 @@ import _common as C  # noqa: E402
 pytestmark = pytest.mark.distributed
 ROUTERS = ("soft", "topk")
 RTOL = 1e-5
+NULL_SUP = {"null_experts": 2, "router_supervision_coef": 0.5}
 
 
 def _launch(world, runs, out):
@@ -62,6 +65,9 @@ def runs(tmp_path_factory):
                       ckpt=ck("Z")))  # fmt: skip
     first.append(dict(key="G", router="topk", aux=False, ep=2, micro=4, gas=1, save_at=[2],
                       ckpt=ck("G")))  # fmt: skip
+    for key, r in (("N", "topk"), ("M", "soft")):
+        first.append(dict(key=key, router=r, extra=NULL_SUP, ep=2, micro=4, gas=1, save_at=[2],
+                          ckpt=ck(key)))  # fmt: skip
     out.update(_launch(2, first, root / "w2a"))
     second = []
     for r in ROUTERS:
@@ -71,6 +77,8 @@ def runs(tmp_path_factory):
             dict(key=f"D>ep2_{r}", router=r, ep=2, micro=2, gas=1, resume=ck(f"D_{r}")),
         ]
     second.append(dict(key="Z>w4", router="soft", stage=2, ep=2, micro=2, gas=1, resume=ck("Z")))
+    second.append(dict(key="N>w4", router="topk", extra=NULL_SUP, ep=4, micro=2, gas=1,
+                       resume=ck("N")))  # fmt: skip
     out.update(_launch(4, second, root / "w4"))
     third = []
     for r in ROUTERS:
@@ -84,6 +92,8 @@ def runs(tmp_path_factory):
     ]
     fourth.append(dict(key="G>w1gas2", router="topk", aux=False, ep=1, micro=4, gas=2,
                        resume=ck("G")))  # fmt: skip
+    fourth.append(dict(key="M>w1", router="soft", extra=NULL_SUP, ep=1, micro=8, gas=1,
+                       resume=ck("M")))  # fmt: skip
     out.update(_launch(1, fourth, root / "w1"))
     return out
 
@@ -108,6 +118,8 @@ CASES = [  # (resumed run, uninterrupted run it must equal)
     *[(f"D>ep2_{r}", f"D_{r}") for r in ROUTERS],  # ep 4 -> 2 at world 4
     ("Z>w4", "Z"),  # ZeRO-2: world 2 -> 4, ep 1 -> 2
     ("G>w1gas2", "G"),  # 2 ranks x micro 4 -> 1 rank x micro 4 x GAS 2
+    ("N>w4", "N"),  # null experts + supervision, top-k: world 2 -> 4, ep 2 -> 4
+    ("M>w1", "M"),  # null experts + supervision, soft: world 2 -> 1, ep 2 -> 1
 ]
 
 

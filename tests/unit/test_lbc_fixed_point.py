@@ -12,10 +12,10 @@ import torch
 from loramoe_ds.model.losses import knowledge_group, lbc_loss, lbc_optimal_shares
 
 
-def optimise_shares(E, delta, variant, types, S=3, iters=300):
+def optimise_shares(E, delta, variant, types, S=3, iters=300, num_null=0):
     """Minimise the LBC over free per-token logits (L-BFGS); knowledge-group share per record."""
     g = torch.Generator().manual_seed(E * 100 + int(delta * 100))
-    logits = torch.randn(len(types), S, E, generator=g).requires_grad_()
+    logits = torch.randn(len(types), S, E + num_null, generator=g).requires_grad_()
     mask = torch.ones(len(types), S)
     task = torch.tensor(types)
     opt = torch.optim.LBFGS(
@@ -25,13 +25,13 @@ def optimise_shares(E, delta, variant, types, S=3, iters=300):
 
     def closure():
         opt.zero_grad()
-        loss = lbc_loss(torch.softmax(logits, -1), mask, task, delta, variant)
+        loss = lbc_loss(torch.softmax(logits, -1), mask, task, delta, variant, num_null=num_null)
         loss.backward()
         return loss
 
     opt.step(closure)
     q = torch.softmax(logits.detach(), -1).sum(1)
-    return q[:, knowledge_group(E)].sum(1) / q.sum(1), task
+    return q[:, knowledge_group(E, num_null=num_null)].sum(1) / q.sum(1), task
 
 
 @pytest.mark.parametrize("variant", ["published", "intended"])

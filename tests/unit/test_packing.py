@@ -324,31 +324,39 @@ def _loss_and_grads(model, batch: dict) -> tuple[dict, dict]:
     model.zero_grad(set_to_none=True)
     out = model(**batch)
     out.loss.backward()
-    losses = {
-        k: getattr(out, k).detach().clone()
-        for k in ("loss", "lm_loss", "lbc_loss", "load_balance_loss", "z_loss")
-    }
+    keys = ["loss", "lm_loss", "lbc_loss", "load_balance_loss", "z_loss"]
+    if model.cfg.router_supervision_coef > 0:
+        keys.append("router_supervision_loss")
+    losses = {k: getattr(out, k).detach().clone() for k in keys}
     losses["num_label_tokens"] = torch.tensor(float(out.num_label_tokens))
     grads = {n: p.grad.detach().clone() for n, p in model.adapter_named_parameters()}
     return losses, grads
 
 
+NULL_SUP = {"null_experts": 2, "router_supervision_coef": 0.5}
+
+
 @pytest.mark.parametrize(
-    "arch,router,attn,lbc_variant",
+    "arch,router,attn,lbc_variant,extra",
     [
-        ("llama", "soft", "sdpa", "published"),
-        ("llama", "topk", "sdpa", "intended"),
-        ("llama", "soft", "eager", "intended"),
-        ("qwen2", "soft", "sdpa", "intended"),
-        ("qwen2", "topk", "sdpa", "published"),
-        ("qwen2", "topk", "eager", "published"),
+        ("llama", "soft", "sdpa", "published", {}),
+        ("llama", "topk", "sdpa", "intended", {}),
+        ("llama", "soft", "eager", "intended", {}),
+        ("qwen2", "soft", "sdpa", "intended", {}),
+        ("qwen2", "topk", "sdpa", "published", {}),
+        ("qwen2", "topk", "eager", "published", {}),
+        ("llama", "soft", "sdpa", "intended", NULL_SUP),
+        ("qwen2", "topk", "sdpa", "intended", NULL_SUP),
     ],
 )
-def test_packed_batch_equals_padded_batch(arch: str, router: str, attn: str, lbc_variant: str):
+def test_packed_batch_equals_padded_batch(
+    arch: str, router: str, attn: str, lbc_variant: str, extra: dict
+):
     """Loss, every aux loss and every adapter gradient: packed rows == one record per row.
 
-    fp32, dropout 0, LBC on with both task types, load-balance and z losses on. The
-    reference is the ordinary right-padded batch of the same 10 records.
+    fp32, dropout 0, LBC on with both task types, load-balance and z losses on (and
+    null experts with router supervision where ``extra`` says). The reference is the
+    ordinary right-padded batch of the same 10 records.
     """
     from loramoe_ds.config import AdapterConfig
     from loramoe_ds.data import Collator
@@ -368,6 +376,7 @@ def test_packed_batch_equals_padded_batch(arch: str, router: str, attn: str, lbc
         z_loss_coef=0.01,
         target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
         lbc_variant=lbc_variant,
+        **extra,
     )
     base = tiny_model(arch, seed=3)
     base.set_attn_implementation(attn)
