@@ -38,3 +38,16 @@ def test_compare_puts_the_format_robust_score_first_and_says_where_inputs_went()
     assert "lbc_variant=intended" in routing
     assert "knowledge inputs 0.537, downstream inputs 0.467" in routing  # means of the lists
     assert "in 2 of 3 layers" in "\n".join(out)
+
+
+def test_compare_states_the_three_promises_with_their_goals():
+    util = {"knowledge_share": {"knowledge": [0.9, 0.8, 0.3], "downstream": [0.1, 0.2, 0.5]}}
+    cfg = {"null_experts": 2, "router_supervision_coef": 1.0, "lbc_variant": "intended"}
+    kept = ev.compare(result(0.8, 0.8, 0.1), result(0.8, 0.77, 0.75, util, cfg))
+    assert "null_experts=2, router_supervision_coef=1.0" in kept
+    assert "0.96x of the base (goal >= 0.95x): met" in kept
+    assert "(goal >= 73.2%, 0.95x of LoRAMoE + LBC's 77.1% on this demo): met" in kept
+    assert "in 2 of 3 layers (goal: most layers): met" in kept
+    lost = ev.compare(result(0.8, 0.8, 0.1), result(0.8, 0.4, 0.7, util, cfg))
+    assert "0.50x of the base (goal >= 0.95x): NOT met" in lost
+    assert "on this demo): NOT met" in lost
