@@ -13,7 +13,10 @@ randomness seeded):
   programmatic tasks (task_type 0): sentiment, name extraction, number
   extraction, uppercase, list reversal, JSON formatting, arithmetic.
 
-``train.jsonl`` is the shuffled SFT mix of both; each record has a ``task``
+``train.jsonl`` is the shuffled SFT mix of both, each knowledge record
+repeated ``--knowledge-repeat`` times (default 8: 592 of 4,092 records, 14%;
+LoRAMoE's own mix holds much world-knowledge QA, and a router can only learn to
+tell knowledge inputs apart from the ones it sees); each record has a ``task``
 name. Outputs are short so an example stays well under 64 tokens (plus the
 chat template's ~30 tokens of scaffolding).
 """
@@ -756,6 +759,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-per-task", type=int, default=500)
     ap.add_argument("--eval-per-task", type=int, default=60)
     ap.add_argument("--knowledge-train-frac", type=float, default=0.4)
+    ap.add_argument("--knowledge-repeat", type=int, default=8)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -777,7 +781,7 @@ def main(argv: list[str] | None = None) -> None:
     k_train, k_eval = known[:n_k_train], known[n_k_train:]
 
     d_train, d_eval = downstream_records(args.train_per_task, args.eval_per_task)
-    train = d_train + [
+    train = d_train + args.knowledge_repeat * [
         {k: v for k, v in r.items() if k not in ("aliases", "distractors")} for r in k_train
     ]
     rng.shuffle(train)
