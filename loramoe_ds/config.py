@@ -65,11 +65,14 @@ class AdapterConfig:
 
     router_supervision_coef: float = 0.0
     """Weight of the router supervision loss (docs/design.md, "Router
-    supervision"): per token, the binary cross-entropy between the router's
-    share on the knowledge group (knowledge experts plus null experts) and the
-    record's ``task_type``; a mean over each record's tokens, then over the
-    records of the batch (over ``aux_loss_scope``), then over adapted linears.
-    0 disables it. Training only: at inference the router decides alone."""
+    supervision"): per token, ``-log`` of the router's share on the slots the
+    record's ``task_type`` may use -- knowledge records: the knowledge experts
+    and the null experts; downstream records: the downstream experts and the
+    null experts (without null experts, the binary cross-entropy of the
+    knowledge-group share against the type); a mean over each record's tokens,
+    then over the records of the batch (over ``aux_loss_scope``), then over
+    adapted linears. 0 disables it. Training only: at inference the router
+    decides alone."""
 
     lbc_delta: float = 0.1
     """LoRAMoE localized balancing constraint: importance ``1 +/- delta``."""

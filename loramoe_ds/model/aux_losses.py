@@ -26,13 +26,13 @@ import torch
 
 from loramoe_ds.config import AdapterConfig
 from loramoe_ds.model.losses import (
-    knowledge_group,
     lbc_from_sums,
     load_balance_from_sums,
     load_balance_sums,
     record_sums,
     row_segments,
     supervision_from_sums,
+    supervision_masks,
     supervision_sums,
     z_loss,
 )
@@ -151,8 +151,8 @@ def aux_losses(
                         f"{layer.name}: router_supervision_coef > 0 needs a downstream expert "
                         f"group, i.e. at least 2 experts per layer (this one has {r.num_experts})"
                     )
-                know_E = knowledge_group(r.num_experts, dev, r.num_null)
-                cols.append(supervision_sums(r.logits_TE, know_E, seg_T, n_rec))
+                allow_k, allow_d = supervision_masks(r.num_experts, dev, r.num_null)
+                cols.append(supervision_sums(r.logits_TE, allow_k, allow_d, seg_T, n_rec))
         keep_T = seg_T >= 0
         count_N = torch.bincount(seg_T[keep_T], minlength=n_rec).to(cols[0])
         m_NC = torch.cat([*cols, count_N[:, None], type_N.to(cols[0])[:, None]], 1)

@@ -214,40 +214,65 @@ def lbc_optimal_shares(
     return shares[1], shares[0]
 
 
-def supervision_sums(
-    logits_TE: torch.Tensor, know_E: torch.Tensor, seg_T: torch.Tensor, num_records: int
-) -> torch.Tensor:
-    """Per record, the summed log knowledge-group share and log downstream-group share.
+def supervision_masks(
+    num_experts: int, device: torch.device | None = None, num_null: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router slots each record type may use under router supervision.
 
-    ``s[t] = sum_{e in knowledge group} w[t,e]``, computed stably from the
-    logits: ``log s[t] = logsumexp(l[t, know]) - logsumexp(l[t])`` and
-    ``log(1 - s[t]) = logsumexp(l[t, down]) - logsumexp(l[t])``.
+    Knowledge records: the knowledge group (knowledge experts and null experts,
+    :func:`knowledge_group`). Downstream records: the downstream experts and the
+    null experts. Without null experts the two masks are complements.
+
+    Returns:
+        ``(allowed for knowledge records, allowed for downstream records)``,
+        boolean masks over the ``E + N`` slots.
+    """
+    know_S = knowledge_group(num_experts, device, num_null)
+    null_S = torch.arange(num_experts + num_null, device=device) >= num_experts
+    return know_S, ~know_S | null_S
+
+
+def supervision_sums(
+    logits_TE: torch.Tensor,
+    allow_know_E: torch.Tensor,
+    allow_down_E: torch.Tensor,
+    seg_T: torch.Tensor,
+    num_records: int,
+) -> torch.Tensor:
+    """Per record, the summed log router share on the slots each record type may use.
+
+    ``a_y[t] = sum_{e allowed for type y} w[t,e]`` (:func:`supervision_masks`),
+    computed stably from the logits: ``log a_y[t] = logsumexp(l[t, allowed_y]) -
+    logsumexp(l[t])``. Without null experts ``a_1 = s`` (the knowledge-group
+    share) and ``a_0 = 1 - s``.
 
     Args:
         logits_TE: Router logits over all slots.
-        know_E: Boolean knowledge-group mask (:func:`knowledge_group`); both
-            groups must be non-empty.
+        allow_know_E: Slots allowed for knowledge records.
+        allow_down_E: Slots allowed for downstream records.
         seg_T: Record index of each token, ``-1`` on padding.
         num_records: N.
 
     Returns:
-        ``ll_N2`` (fp32): ``[sum_t log s[t], sum_t log(1 - s[t])]`` per record.
+        ``ll_N2`` (fp32): ``[sum_t log a_1[t], sum_t log a_0[t]]`` per record.
     """
     l_TE = logits_TE.float()
     lse_T = torch.logsumexp(l_TE, dim=-1)
-    lk_T = torch.logsumexp(l_TE[:, know_E], dim=-1) - lse_T
-    ld_T = torch.logsumexp(l_TE[:, ~know_E], dim=-1) - lse_T
+    lk_T = torch.logsumexp(l_TE[:, allow_know_E], dim=-1) - lse_T
+    ld_T = torch.logsumexp(l_TE[:, allow_down_E], dim=-1) - lse_T
     return record_sums(torch.stack([lk_T, ld_T], dim=1), seg_T, num_records)
 
 
 def supervision_from_sums(
     ll_N2: torch.Tensor, count_N: torch.Tensor, task_type_N: torch.Tensor
 ) -> torch.Tensor:
-    """Router supervision loss: the mean over records of each record's token-mean
-    binary cross-entropy between the knowledge-group share and its type.
+    """Router supervision loss: the mean over records of each record's token mean of
+    ``-log a_y[t]``, the log router share on the slots its type ``y`` may use.
 
-    ``L = mean_n [ -(1/len_n) sum_{t in n} (y_n log s[t] + (1 - y_n) log(1 - s[t])) ]``
-    over the records with at least one token (docs/design.md, "Router supervision").
+    ``L = mean_n [ -(1/len_n) sum_{t in n} log a_{y_n}[t] ]`` over the records with
+    at least one token (docs/design.md, "Router supervision"). Without null
+    experts this is the binary cross-entropy between the knowledge-group share
+    and the record type.
 
     Args:
         ll_N2: :func:`supervision_sums`.

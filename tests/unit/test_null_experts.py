@@ -109,19 +109,20 @@ def test_all_weight_on_the_null_slots_is_the_base_exactly(mode, K):
 
 
 def _supervision_by_loop(routings, mask_BS, type_B, num_experts, num_null):
-    """Mean over linears of mean over rows of the token-mean BCE, one token at a time."""
-    know = knowledge_group(num_experts, num_null=num_null)
+    """Mean over linears of mean over rows of the token mean of -log(share on the slots
+    the row's type may use), one token at a time. Knowledge rows may use experts
+    [0, ceil(E/2)) and the null slots; downstream rows [ceil(E/2), E) and the null slots."""
+    E, N = num_experts, num_null
+    know_slots = list(range((E + 1) // 2)) + list(range(E, E + N))
+    down_slots = list(range((E + 1) // 2, E)) + list(range(E, E + N))
     per_linear = []
     for probs_TE in routings:
         B, S = mask_BS.shape
         p_BSE = probs_TE.view(B, S, -1)
         rows = []
         for b in range(B):
-            terms = []
-            for t in range(S):
-                if mask_BS[b, t]:
-                    s = p_BSE[b, t, know].sum()
-                    terms.append(-torch.log(s) if type_B[b] else -torch.log(1 - s))
+            slots = know_slots if type_B[b] else down_slots
+            terms = [-torch.log(p_BSE[b, t, slots].sum()) for t in range(S) if mask_BS[b, t]]
             rows.append(sum(terms) / len(terms))
         per_linear.append(sum(rows) / B)
     return sum(per_linear) / len(per_linear)
@@ -175,26 +176,37 @@ def test_supervision_needs_task_type_and_a_downstream_group():
         AdapterConfig(null_experts=-1)
 
 
-def test_supervision_alone_separates_free_logits():
-    """Minimising the supervision loss over free logits drives each record's
-    knowledge-group share to its type (1 or 0): the loss has no interior optimum."""
-    from loramoe_ds.model.losses import row_segments, supervision_from_sums, supervision_sums
+@pytest.mark.parametrize("N", [0, 2])
+def test_supervision_alone_separates_free_logits(N):
+    """Minimising the supervision loss over free logits takes every record's weight off
+    the other type's experts (the null slots are allowed for both); without null slots
+    the knowledge-group share goes to the type (1 or 0). No interior optimum."""
+    from loramoe_ds.model.losses import (
+        row_segments,
+        supervision_from_sums,
+        supervision_masks,
+        supervision_sums,
+    )
 
-    E, N, S = 4, 2, 3
-    know = knowledge_group(E, num_null=N)
+    E, S = 4, 3
+    allow_k, allow_d = supervision_masks(E, num_null=N)
     logits = torch.zeros(4 * S, E + N, requires_grad=True)
     task = torch.tensor([1, 0, 1, 0])
     seg = row_segments(torch.ones(4, S))
+    count = torch.full((4,), float(S))
     opt = torch.optim.Adam([logits], lr=0.5)
     for _ in range(300):
         opt.zero_grad()
-        loss = supervision_from_sums(
-            supervision_sums(logits, know, seg, 4), torch.full((4,), 3.0), task
-        )
+        ll = supervision_sums(logits, allow_k, allow_d, seg, 4)
+        loss = supervision_from_sums(ll, count, task)
         loss.backward()
         opt.step()
-    share = torch.softmax(logits.detach(), -1)[:, know].sum(-1).view(4, S).mean(1)
-    assert share[task == 1].min() > 0.99 and share[task == 0].max() < 0.01
+    w = torch.softmax(logits.detach(), -1).view(4, S, -1)
+    on_down_experts = w[..., 2:4].sum(-1).mean(1)  # experts [E/2, E)
+    on_know_experts = w[..., 0:2].sum(-1).mean(1)  # experts [0, E/2)
+    assert on_down_experts[task == 1].max() < 0.01 and on_know_experts[task == 0].max() < 0.01
+    if N == 0:
+        assert on_know_experts[task == 1].min() > 0.99
     assert float(loss) < 0.01 and math.isfinite(float(loss))
 
 
