@@ -82,8 +82,6 @@ def _ds_config(world: int, device: str) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}},
-        "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": device == "cuda"},
         "steps_per_print": 10**9,
@@ -111,6 +109,7 @@ def worker(args) -> None:
 
     from loramoe_ds.config import AdapterConfig
     from loramoe_ds.parallel.engine import MoETrainer
+    from loramoe_ds.parallel.settings import OptimizerSettings
     from loramoe_ds.tiny import tiny_model
 
     W = int(os.environ["WORLD_SIZE"])
@@ -134,7 +133,8 @@ def worker(args) -> None:
 
                             trainer = MoETrainer.build(
                                 factory, cfg, _ds_config(W, args.device), ep_size=ep, seed=0,
-                                num_layers=2,
+                                optim=OptimizerSettings(lr=1e-4, grad_clip=1.0), num_layers=2,
+                                loss_reduction="micro_batch_mean",
                             )  # fmt: skip
                             rank = dist.get_rank()
                             g = torch.Generator().manual_seed(rank)
@@ -153,7 +153,7 @@ def worker(args) -> None:
                                 if args.device == "cuda":
                                     torch.cuda.synchronize()
                                 t0 = time.perf_counter()
-                                trainer.train_micro_batch(batch)
+                                trainer.train_step([batch])
                                 if args.device == "cuda":
                                     torch.cuda.synchronize()
                                 dist.barrier()

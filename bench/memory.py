@@ -58,7 +58,8 @@ def child(args) -> dict:
     plan = make_plan(run, {}, 1, 0)
     trainer = MoETrainer.build(
         model_factory(plan), run.adapter, plan.ds_config, ep_size=1, seed=0,
-        num_layers=plan.num_layers, activation_checkpointing=args.ac,
+        optim=plan.optim, lr_schedule=plan.lr_schedule, num_layers=plan.num_layers,
+        activation_checkpointing=args.ac,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     vocab = plan.hf_config.vocab_size

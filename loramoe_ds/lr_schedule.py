@@ -17,22 +17,24 @@ iteration 0 (used by optimizer step 2) is ``warmup_min_ratio``. With the ratio 0
 the first two updates did nothing, and no ``warmup_min_ratio`` can make step 1
 move. :class:`WarmupCosineLR` here follows DeepSpeed's scheduler protocol
 (``step``, ``get_lr``, ``get_last_lr``, ``state_dict`` with the same
-``last_batch_iteration`` key, so older checkpoints resume) and is registered in
-``deepspeed.runtime.lr_schedules`` by :func:`register`, so the DeepSpeed JSON's
-``scheduler.type`` selects it like a built-in one. DeepSpeed steps the schedule
-once per optimizer step, after the update; the expert-parallel banks take the
-engine's current LR, so routers and experts follow the same ``lr_n``.
+``last_batch_iteration`` key, so older checkpoints resume). The run's
+``train.*`` settings become an :class:`LRSchedule`, which the trainer hands to
+``deepspeed.initialize(lr_scheduler=...)``; DeepSpeed calls it with the
+routers' optimizer and steps the schedule once per optimizer step, after the
+update. The expert-parallel banks take the engine's current LR, so routers and
+experts follow the same ``lr_n``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 NAME = "LoRAMoEWarmupCosineLR"
-"""``scheduler.type`` of the DeepSpeed JSON that selects :class:`WarmupCosineLR`."""
+"""The schedule's name (error messages)."""
 
 
 def lr_ratio(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -137,28 +139,20 @@ class WarmupCosineLR:
         self._last_lr = self._apply()
 
 
-def register() -> str:
-    """Make ``scheduler.type = NAME`` in a DeepSpeed config select :class:`WarmupCosineLR`.
+@dataclass(frozen=True)
+class LRSchedule:
+    """The run's LR schedule settings; calling it builds the scheduler for an optimizer.
 
-    DeepSpeed looks the type up as an attribute of ``deepspeed.runtime.lr_schedules``;
-    call this in every process before ``deepspeed.initialize`` (``make_plan`` does).
-
-    Returns:
-        :data:`NAME`.
+    Attributes:
+        total_steps: ``T`` (``train.max_steps``).
+        warmup_steps: ``W`` (``train.warmup_steps``).
+        min_lr_ratio: ``m`` (``train.min_lr_ratio``).
     """
-    from deepspeed.runtime import lr_schedules
 
-    setattr(lr_schedules, NAME, WarmupCosineLR)
-    return NAME
+    total_steps: int
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
-
-def scheduler_config(total: int, warmup: int, min_ratio: float) -> dict[str, Any]:
-    """The DeepSpeed JSON ``scheduler`` section for this schedule (registers it)."""
-    return {
-        "type": register(),
-        "params": {
-            "total_num_steps": total,
-            "warmup_num_steps": warmup,
-            "cos_min_ratio": min_ratio,
-        },
-    }
+    def __call__(self, optimizer: Any) -> WarmupCosineLR:
+        """:class:`WarmupCosineLR` over ``optimizer`` (whose current LR is the peak)."""
+        return WarmupCosineLR(optimizer, self.total_steps, self.warmup_steps, self.min_lr_ratio)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from loramoe_ds.lr_schedule import lr_ratio, scheduler_config
+from loramoe_ds.lr_schedule import LRSchedule, lr_ratio
+from loramoe_ds.parallel.settings import OptimizerSettings
 from loramoe_ds.run_config import RunConfig, resolve_ds_config
 
 TINY_VOCAB = 512
@@ -39,6 +40,18 @@ class Plan:
     """Ranks per node of the planned topology (``--gpus-per-node``), when known."""
     param_counts: tuple[int, int, int, int] | None = None
     """:func:`count_parameters` of this plan (filled by :func:`make_plan`)."""
+
+    @property
+    def optim(self) -> OptimizerSettings:
+        """AdamW settings and joint clip of routers and experts (``train.*``)."""
+        t = self.run.train
+        return OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+
+    @property
+    def lr_schedule(self) -> LRSchedule:
+        """Linear warm-up from lr/W at step 1, cosine decay: every step moves (``train.*``)."""
+        t = self.run.train
+        return LRSchedule(t.max_steps, t.warmup_steps, t.min_lr_ratio)
 
     def describe(self) -> str:
         """The human-readable plan printed by ``--dry-run``."""
@@ -203,14 +216,6 @@ def make_plan(
     from loramoe_ds.parallel.groups import validate_ep
 
     ds = resolve_ds_config(run, ds_user, world_size)
-    t = run.train
-    ds["optimizer"] = {
-        "type": "AdamW",
-        "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay},
-    }
-    # Linear warm-up from lr/W at step 1, cosine decay (lr_schedule.py): every step moves.
-    ds["scheduler"] = scheduler_config(t.max_steps, t.warmup_steps, t.min_lr_ratio)
-    ds["gradient_clipping"] = t.grad_clip
     if run.train.precision == "bf16":
         ds.setdefault("bf16", {})["enabled"] = True
     hf_config, model_dir = _hf_config(run)
@@ -439,6 +444,8 @@ def train(
         plan.ds_config,
         ep_size=run.parallel.ep_size,
         seed=run.train.seed,
+        optim=plan.optim,
+        lr_schedule=plan.lr_schedule,
         num_layers=plan.num_layers,
         loss_reduction=run.train.loss_reduction,
         activation_checkpointing=run.train.activation_checkpointing,

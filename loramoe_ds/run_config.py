@@ -348,9 +348,9 @@ def resolve_ds_config(
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ValueError(
-                f"{where}: remove the {section!r} section: loramoe-ds passes its own AdamW and "
-                "LR schedule (train.lr, train.warmup_steps) so routers and the expert-parallel "
-                "banks follow one schedule"
+                f"{where}: remove the {section!r} section: train.* owns the optimizer and LR "
+                "schedule (train.lr, train.warmup_steps); the trainer hands its AdamW and "
+                "schedule to DeepSpeed so routers and expert-parallel banks follow one schedule"
             )
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     if ds.get("fp16", {}).get("enabled", False):
@@ -372,7 +372,7 @@ def resolve_ds_config(
             f"{where}: gradient_clipping={clip} but train.grad_clip={t.grad_clip}; make them "
             "agree (the clip is applied jointly to routers and expert-parallel banks)"
         )
-    ds["gradient_clipping"] = t.grad_clip
+    ds.pop("gradient_clipping", None)  # the trainer's: train.grad_clip, clipped jointly
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

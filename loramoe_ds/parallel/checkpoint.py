@@ -178,7 +178,8 @@ def full_optimizer_state(trainer) -> dict[str, Any] | None:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     inner = zero_state.inner_optimizer(trainer.engine)
-    step_e, step_x = zero_state.adam_step(inner), zero_state.adam_step(trainer.expert_optimizer)
+    expert_adamw = trainer.expert_optimizer.adamw if trainer.expert_optimizer else None
+    step_e, step_x = zero_state.adam_step(inner), zero_state.adam_step(expert_adamw)
     if step_e is None:
         return None
     out: dict[str, Any] = {}
@@ -189,7 +190,7 @@ def full_optimizer_state(trainer) -> dict[str, Any] | None:
             return _cpu(inner.state[p][key] if v is None else v)
 
         def local(p, key=key):
-            return trainer.expert_optimizer.state[p][key].detach().float()
+            return expert_adamw.state[p][key].detach().float()
 
         out[key] = gather_adapter(trainer.model, trainer.groups, full, local)
     engine_names = set(_engine_params(trainer))
@@ -243,7 +244,7 @@ def _load_engine_state(trainer, params, optim) -> None:
 
 
 def _load_expert_state(trainer, params, optim) -> None:
-    opt = trainer.expert_optimizer
+    opt = trainer.expert_optimizer.adamw if trainer.expert_optimizer else None
     with torch.no_grad():
         for n, (p, lo, L) in _local_shards(trainer).items():
             p.copy_(params[n][lo : lo + L].to(p.device, p.dtype))
@@ -490,7 +491,7 @@ def load_checkpoint(trainer, directory: str | Path, tag: str | None = None):
     if state["lr_scheduler"] is not None and getattr(e, "lr_scheduler", None) is not None:
         e.lr_scheduler.load_state_dict(state["lr_scheduler"])
     opts = [zero_state.inner_optimizer(e)] + (
-        [trainer.expert_optimizer] if trainer.expert_optimizer else []
+        [trainer.expert_optimizer.adamw] if trainer.expert_optimizer else []
     )
     for opt in opts:
         for group in opt.param_groups:

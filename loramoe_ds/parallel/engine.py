@@ -1,17 +1,25 @@
-"""DeepSpeed training of a LoRA-expert model: ZeRO base, expert-parallel banks, one schedule.
+"""DeepSpeed training of a LoRA-expert model: ZeRO base, expert-parallel banks, one step.
 
 Shape legend: E experts of a layer, L = E/P local experts, P = ep_size, W world
 size, R rank, D / O input / output width of an adapted linear.
 
 The API the launcher calls::
 
-    trainer = MoETrainer.build(model_factory, adapter_cfg, ds_config, ep_size, seed)
+    trainer = MoETrainer.build(model_factory, adapter_cfg, ds_config, ep_size, seed,
+                               optim=OptimizerSettings(...), lr_schedule=LRSchedule(...))
     for micro_batches in steps:                 # this rank's GAS micro-batches of one step
         result = trainer.train_step(micro_batches)  # StepResult: outputs, N_step, lr, grad_norm
         trainer.global_step                     # optimizer steps taken
     trainer.save(dir, client_state)             # collective, atomic (checkpoint.py)
     client_state = trainer.load(dir)            # collective; None when nothing to resume
     trainer.export_adapter(path)                # collective; rank 0 writes safetensors
+
+:meth:`MoETrainer.train_step` is the one way to train: it runs the GAS
+micro-batches, synchronises the gradients once, lets an optional ``grad_hook``
+read them (:meth:`MoETrainer.full_adapter_grads`), clips jointly and steps both
+optimizers and the schedule. Its parts are private and check their order (a
+second synchronisation, a gradient read outside the hook, an optimizer step off
+the accumulation boundary raise ``RuntimeError``).
 
 What :meth:`MoETrainer.build` does, in order:
 
@@ -33,35 +41,29 @@ What :meth:`MoETrainer.build` does, in order:
    ``ep_size == 1`` ("replicated"): the banks stay in the model as ordinary
    trainable parameters that DeepSpeed/ZeRO manages like the routers (ZeRO-3
    partitions and gathers them; no all-to-all, no expert optimizer).
-6. ``deepspeed.initialize`` with a client ``torch.optim.AdamW`` over the
-   engine's trainable parameters (routers [+ banks when replicated]); its
-   hyper-parameters come from the config's ``optimizer.params`` (``type`` Adam
-   or AdamW; ``weight_decay`` defaults to 0.0 explicitly, never torch's 0.01).
-   The config's ``scheduler`` drives the one LR schedule.
-7. EP only: an expert optimizer, ``torch.optim.AdamW`` over the local shards
-   with the same betas, eps and weight decay.
+6. ``deepspeed.initialize(optimizer=AdamW(...), lr_scheduler=lr_schedule)``
+   over the engine's trainable parameters (routers [+ banks when replicated]),
+   both built from the typed settings (:class:`OptimizerSettings`; the
+   DeepSpeed JSON carries only DeepSpeed's own settings: ZeRO, precision,
+   batch sizes, buckets). DeepSpeed's ``gradient_clipping`` is
+   ``optim.grad_clip`` when replicated and 0 in EP mode, where the trainer clips.
+7. EP only: an :class:`~loramoe_ds.parallel.expert_optimizer.ExpertOptimizer`
+   (AdamW over the local shards with the same settings, the EDP reduction and
+   the shards' share of the norm).
 
-One optimizer step (at ``engine.is_gradient_accumulation_boundary()``, EP mode):
-
-* expert grads (accumulated over the GAS micro-batches, each loss scaled by
-  1/GAS by ``engine.backward``) are summed over the EDP group and divided by the
-  **full world size** W: the all-to-all backward already summed every EP rank's
-  loss into each local expert, so ``sum_EDP / W = (1/W) sum_ranks dloss_r/dtheta``,
-  the same data-parallel mean ZeRO gives the routers;
-* joint clipping. DeepSpeed's clipping only sees engine parameters, so it is
-  turned off (``gradient_clipping`` is taken out of the config handed to
-  DeepSpeed) and done here: ``|g|^2 = |g_router|^2 + sum_EP |g_expert_shard|^2``
-  (router grads from ``safe_get_full_grad``, already DP-averaged; each expert
-  counted once: the shard norms are summed over the EP group only, EDP replicas
-  being identical), ``c = max_norm / (|g| + 1e-6)``; when ``c < 1`` both
-  routers (``safe_set_full_grad``) and experts are multiplied by ``c`` -- the
-  formula of ``torch.nn.utils.clip_grad_norm_`` and of DeepSpeed;
-* the expert optimizer takes ``lr = engine.get_lr()[0]`` (the LR the engine is
-  about to use) and steps; then ``engine.step()`` steps the routers and the
-  schedule.
-
-In replicated mode DeepSpeed does all of this itself (its clipping then sees
-every trainable parameter).
+One optimizer step in EP mode, after the last backward (the engine is at the
+accumulation boundary): the expert grads are reduced
+(:meth:`ExpertOptimizer.sync_grads
+<loramoe_ds.parallel.expert_optimizer.ExpertOptimizer.sync_grads>`: sum over
+EDP, divided by W); joint clipping, ``|g|^2 = |g_router|^2 + sum_EP
+|g_expert_shard|^2`` (router grads from ``safe_get_full_grad``, already
+DP-averaged), ``c = max_norm / (|g| + 1e-6)``, and when ``c < 1`` routers
+(``safe_set_full_grad``) and experts are multiplied by ``c`` -- the formula of
+``torch.nn.utils.clip_grad_norm_`` and of DeepSpeed; the expert AdamW steps at
+``lr = engine.get_lr()[0]`` (the LR the engine is about to use); then
+``engine.step()`` steps the routers and the schedule. In replicated mode
+DeepSpeed does all of this itself (its clipping then sees every trainable
+parameter).
 
 Precision: fp32 on CPU; ``bf16`` in the DeepSpeed config for GPUs (engine
 parameters bf16 with fp32 master weights; EP banks are fp32 master weights,
@@ -69,10 +71,9 @@ activations travel in bf16 and are cast for the expert compute).
 
 Losses (``loss_reduction``): ``token_mean`` (default) makes the LM loss of an
 optimizer step the summed token CE over every labelled token of all ranks and GAS
-micro-batches divided by their count, exactly (:mod:`loramoe_ds.parallel.step`,
-:meth:`MoETrainer.train_step`); ``micro_batch_mean`` is the mean over ranks and
-micro-batches of each micro-batch's own token mean (``train_micro_batch`` /
-``forward_backward`` without ``num_items_in_batch``).
+micro-batches divided by their count, exactly (:mod:`loramoe_ds.parallel.token_mean`);
+``micro_batch_mean`` is the mean over ranks and micro-batches of each
+micro-batch's own token mean.
 
 Activation checkpointing (``activation_checkpointing=True``): transformers'
 non-reentrant checkpoint around every decoder layer of the base model
@@ -86,9 +87,11 @@ graph (the model raises if a reentrant setup would drop it).
 from __future__ import annotations
 
 import copy
+import enum
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,34 +106,52 @@ from loramoe_ds.model.inject import LoRAMoEModel, _num_layers, inject
 from loramoe_ds.parallel import checkpoint as ckpt
 from loramoe_ds.parallel.checkpoint import gather_adapter, load_full_state
 from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
+from loramoe_ds.parallel.expert_optimizer import ExpertOptimizer
 from loramoe_ds.parallel.groups import ExpertGroups, create_expert_groups, validate_ep
-from loramoe_ds.parallel.step import LOSS_REDUCTIONS, StepResult
+from loramoe_ds.parallel.settings import OptimizerSettings
+from loramoe_ds.parallel.token_mean import (
+    LOSS_REDUCTIONS,
+    count_label_tokens,
+    micro_batch_divisor,
+    step_label_tokens,
+)
 
 CLIP_EPS = 1e-6
+NOT_DEEPSPEED_KEYS = ("optimizer", "scheduler", "gradient_clipping")
+"""DeepSpeed JSON sections the trainer refuses: they come from :class:`OptimizerSettings`
+and ``lr_schedule``."""
+
+LRScheduleFactory = Callable[[torch.optim.Optimizer], Any]
+"""Builds the LR schedule (DeepSpeed's scheduler protocol) from the routers' optimizer."""
 
 
-def _optim_hparams(ds_config: dict) -> dict[str, Any]:
-    """AdamW hyper-parameters from the DeepSpeed config's ``optimizer`` section."""
-    opt = ds_config.get("optimizer") or {}
-    kind = str(opt.get("type", "AdamW")).lower()
-    if kind not in ("adam", "adamw"):
-        raise ValueError(
-            f"optimizer.type={opt.get('type')!r}: loramoe-ds trains with AdamW; use 'AdamW'"
-        )
-    params = dict(opt.get("params") or {})
-    unknown = sorted(
-        set(params) - {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"}
-    )
-    if unknown:
-        raise ValueError(
-            f"optimizer.params {unknown} not supported; use lr, betas, eps, weight_decay"
-        )
-    return {
-        "lr": float(params.get("lr", 1e-4)),
-        "betas": tuple(params.get("betas", (0.9, 0.999))),
-        "eps": float(params.get("eps", 1e-8)),
-        "weight_decay": float(params.get("weight_decay", 0.0)),
-    }
+@dataclass
+class StepResult:
+    """One optimizer step of :meth:`MoETrainer.train_step` on this rank.
+
+    Attributes:
+        outputs: The model output of each of this rank's G micro-batches (0-dim
+            loss tensors, graphs already freed by the backward).
+        batches: This rank's micro-batches (as given).
+        label_tokens: ``N_step``, labelled tokens of the step over all ranks and
+            micro-batches.
+        lr: The learning rate of this update.
+        grad_norm: Gradient norm before clipping (``None`` if unknown).
+    """
+
+    outputs: list[Any]
+    batches: list[dict[str, torch.Tensor]]
+    label_tokens: int
+    lr: float
+    grad_norm: float | None
+
+
+class _Phase(enum.Enum):
+    """Where the trainer is inside one optimizer step."""
+
+    IDLE = "no gradients accumulated"
+    ACCUMULATED = "gradients accumulated, not synchronised"
+    SYNCED = "gradients synchronised, not yet stepped"
 
 
 def _world_size_from_env() -> int:
@@ -192,27 +213,27 @@ def shard_banks(model: LoRAMoEModel, groups: ExpertGroups, stats: CommStats) -> 
 class MoETrainer:
     """DeepSpeed engine + expert-parallel banks + expert optimizer (see module docstring).
 
-    Build with :meth:`build`; attributes are read-only for callers.
+    Build with :meth:`build`; train with :meth:`train_step`. Attributes are
+    read-only for callers.
 
     Attributes:
         engine: The DeepSpeed engine (module = the :class:`LoRAMoEModel`).
         model: The :class:`LoRAMoEModel` (``engine.module``).
         groups: EP/EDP topology.
-        banks: Local expert shards (EP mode), in ``model.moe_layers()`` order.
-        expert_optimizer: AdamW over ``banks`` (EP mode) or ``None``.
-        max_grad_norm: Joint clipping threshold (0: off).
+        expert_optimizer: The :class:`ExpertOptimizer` of the local banks (EP
+            mode) or ``None`` (replicated).
+        optim: The optimizer settings (AdamW and the joint clip).
+        loss_reduction: ``token_mean`` or ``micro_batch_mean``.
         comm: Byte counter of the all-to-alls.
     """
 
     def __init__(
         self,
         engine,
-        model,
-        groups,
-        banks,
-        expert_optimizer,
-        max_grad_norm,
-        hparams,
+        model: LoRAMoEModel,
+        groups: ExpertGroups,
+        expert_optimizer: ExpertOptimizer | None,
+        optim: OptimizerSettings,
         loss_reduction: str = "token_mean",
     ):
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -223,11 +244,11 @@ class MoETrainer:
         self.engine = engine
         self.model: LoRAMoEModel = model
         self.groups: ExpertGroups = groups
-        self.banks: list[ExpertBank] = banks
-        self.expert_optimizer: torch.optim.Optimizer | None = expert_optimizer
-        self.max_grad_norm = max_grad_norm
-        self.hparams = hparams
+        self.expert_optimizer = expert_optimizer
+        self.optim = optim
         self.comm = CommStats()
+        self._phase = _Phase.IDLE
+        self._in_step = False
         for layer in self.model.moe_layers():
             if layer.dispatcher is not None:
                 layer.dispatcher.stats = self.comm
@@ -241,6 +262,9 @@ class MoETrainer:
         ds_config: dict,
         ep_size: int = 1,
         seed: int = 0,
+        *,
+        optim: OptimizerSettings,
+        lr_schedule: LRScheduleFactory | None = None,
         num_layers: int | None = None,
         init_state: dict[str, torch.Tensor] | None = None,
         loss_reduction: str = "token_mean",
@@ -252,12 +276,16 @@ class MoETrainer:
             model_factory: Returns the base causal LM (called under
                 ``deepspeed.zero.Init`` for ZeRO-3; weights load inside it).
             adapter_cfg: The LoRA-expert configuration.
-            ds_config: DeepSpeed config dict (not modified). ``optimizer`` (AdamW
-                params) and ``gradient_clipping`` are interpreted here.
+            ds_config: DeepSpeed config dict (not modified): ZeRO, precision,
+                batch sizes; no ``optimizer``, ``scheduler`` or ``gradient_clipping``.
             ep_size: Ranks per expert-parallel group (1: experts replicated as
                 ZeRO parameters).
             seed: Seed for the adapter init (same on all ranks) and, offset by
                 the rank, for dropout afterwards.
+            optim: AdamW settings and the joint gradient clip (routers and experts).
+            lr_schedule: Builds the LR schedule from the routers' torch optimizer
+                (e.g. :class:`~loramoe_ds.lr_schedule.LRSchedule`); ``None``: the
+                constant ``optim.lr``.
             num_layers: Decoder layers, when the factory cannot run on ``meta``.
             init_state: Optional full adapter state (export naming) to start from.
             loss_reduction: ``token_mean`` or ``micro_batch_mean`` (module docstring).
@@ -265,11 +293,16 @@ class MoETrainer:
 
         Raises:
             ValueError: Bad ``ep_size`` / expert counts (before any process-group
-                work), or an unsupported optimizer config.
+                work), or optimizer settings in the DeepSpeed config.
         """
         import deepspeed
 
-        hp = _optim_hparams(ds_config)
+        given = [k for k in NOT_DEEPSPEED_KEYS if k in ds_config]
+        if given:
+            raise ValueError(
+                f"ds_config: remove {given}: the optimizer, LR schedule and gradient clip "
+                "are passed as optim= / lr_schedule= (train.* in the run config)"
+            )
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(
                 f"loss_reduction={loss_reduction!r}: valid values {list(LOSS_REDUCTIONS)}"
@@ -282,10 +315,8 @@ class MoETrainer:
         groups = create_expert_groups(ep_size)
 
         cfg = copy.deepcopy(ds_config)
-        cfg.pop("optimizer", None)
-        max_norm = float(cfg.get("gradient_clipping", 0.0) or 0.0)
-        if ep_size > 1:
-            cfg["gradient_clipping"] = 0.0  # joint clipping done by the trainer
+        # DeepSpeed clips what it owns only when it owns every adapter tensor.
+        cfg["gradient_clipping"] = optim.grad_clip if ep_size == 1 else 0.0
         stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
 
         # zero.Init patches tensor constructors; torch._dynamo refuses to import
@@ -317,22 +348,15 @@ class MoETrainer:
         np.random.seed((seed + 1000 + rank) % 2**32)
 
         engine_params = [p for p in model.parameters() if p.requires_grad]
-        client_opt = torch.optim.AdamW(engine_params, **hp)
-        from loramoe_ds import lr_schedule
-
-        if (cfg.get("scheduler") or {}).get("type") == lr_schedule.NAME:
-            lr_schedule.register()  # in every process, not only where make_plan ran
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, config=cfg)
+        client_opt = torch.optim.AdamW(engine_params, **optim.adamw_kwargs())
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=client_opt, lr_scheduler=lr_schedule, config=cfg
+        )
         got_wd = engine.optimizer.param_groups[0]["weight_decay"]
-        assert got_wd == hp["weight_decay"], (got_wd, hp)
+        assert got_wd == optim.weight_decay, (got_wd, optim)
 
-        expert_opt = None
-        if banks:
-            for b in banks:
-                b.to(engine.device)
-            expert_opt = torch.optim.AdamW([p for b in banks for p in b.parameters()], **hp)
-        trainer = cls(engine, model, groups, banks, expert_opt, max_norm, hp, loss_reduction)
-        return trainer
+        expert_opt = ExpertOptimizer(banks, groups, optim, engine.device) if banks else None
+        return cls(engine, model, groups, expert_opt, optim, loss_reduction)
 
     # -- properties ------------------------------------------------------
     @property
@@ -346,141 +370,165 @@ class MoETrainer:
 
     @property
     def expert_parallel(self) -> bool:
-        return bool(self.banks)
+        return self.expert_optimizer is not None
+
+    @property
+    def banks(self) -> list[ExpertBank]:
+        """Local expert shards (EP mode), in ``model.moe_layers()`` order; empty when replicated."""
+        return self.expert_optimizer.banks if self.expert_optimizer is not None else []
+
+    @property
+    def lr(self) -> float:
+        """The LR of the next update (``engine.get_lr()[0]``)."""
+        return float(self.engine.get_lr()[0])
 
     def expert_params(self) -> list[nn.Parameter]:
         """Local expert shard parameters (EP mode; empty when replicated)."""
-        return [p for b in self.banks for p in b.parameters()]
+        return self.expert_optimizer.params() if self.expert_optimizer is not None else []
 
     def router_params(self) -> list[nn.Parameter]:
         return [layer.router.weight for layer in self.model.moe_layers()]
 
-    # -- training --------------------------------------------------------
-    def forward_backward(
-        self, batch: dict[str, torch.Tensor], num_items_in_batch: float | None = None
-    ):
-        """Forward and ``engine.backward`` one micro-batch (no optimizer step).
+    # -- the step --------------------------------------------------------
+    def train_step(
+        self,
+        micro_batches: Sequence[dict[str, torch.Tensor]],
+        grad_hook: Callable[[MoETrainer], None] | None = None,
+    ) -> StepResult:
+        """One optimizer step from this rank's GAS micro-batches (collective).
+
+        Forward/backward of every micro-batch (the LM loss per ``loss_reduction``),
+        one gradient synchronisation, ``grad_hook(self)`` if given (it may call
+        :meth:`full_adapter_grads`: the synchronised, not yet clipped gradients),
+        joint clipping, both optimizers and the LR schedule.
 
         Args:
-            batch: This rank's micro-batch.
-            num_items_in_batch: Divide the micro-batch's summed token CE by this
-                instead of its own labelled count (token-mean reduction).
+            micro_batches: Exactly ``gradient_accumulation_steps`` micro-batches.
+            grad_hook: Called on every rank between the synchronisation and the clip.
+
+        Returns:
+            A :class:`StepResult` (reduce it over ranks with
+            :mod:`loramoe_ds.train_loop.metrics`).
+
+        Raises:
+            ValueError: If the number of micro-batches is not the engine's GAS.
+            RuntimeError: If called from inside a ``grad_hook``.
         """
+        if self._in_step:
+            raise RuntimeError("train_step was called while a train_step is running (grad_hook)")
+        self._in_step = True
+        try:
+            outputs, n_step = self._accumulate(micro_batches)
+            self._sync_grads()
+            if grad_hook is not None:
+                grad_hook(self)
+            lr = self.lr
+            norm = self._optimizer_step()
+        finally:
+            self._in_step = False
+        return StepResult(outputs, list(micro_batches), n_step, lr, norm)
+
+    def _require(self, phase: _Phase, what: str) -> None:
+        if self._phase is not phase:
+            raise RuntimeError(
+                f"{what} needs {phase.value}, but the step has {self._phase.value} "
+                "(MoETrainer.train_step runs every part of a step in order)"
+            )
+
+    def _forward_backward(self, batch: dict[str, Any], num_items: float | None):
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if num_items_in_batch is not None:
-            batch["num_items_in_batch"] = num_items_in_batch
+        if num_items is not None:
+            batch["num_items_in_batch"] = num_items
         out = self.engine(**batch)
         self.engine.backward(out.loss)
         return out
 
-    def accumulate(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list, int]:
-        """Forward/backward the GAS micro-batches of one step, stopping before the update.
-
-        See :func:`loramoe_ds.parallel.step.accumulate`; call :meth:`optimizer_step`
-        after it (and :meth:`sync_expert_grads` / :meth:`full_adapter_grads` if wanted).
+    def _accumulate(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list, int]:
+        """Forward/backward the G micro-batches of one step (collective); no update.
 
         Returns:
-            ``(outputs, N_step)``.
+            ``(outputs, N_step)``; the engine is then at the accumulation boundary.
+
+        Raises:
+            ValueError: If the number of micro-batches is not the engine's GAS.
+            RuntimeError: If the model's labelled-token count disagrees with
+                :func:`~loramoe_ds.parallel.token_mean.count_label_tokens` (the
+                denominator would be wrong).
         """
-        from loramoe_ds.parallel.step import accumulate
+        G = int(self.engine.gradient_accumulation_steps())
+        if len(micro_batches) != G:
+            raise ValueError(
+                f"train_step got {len(micro_batches)} micro-batches; "
+                f"gradient_accumulation_steps is {G}"
+            )
+        self._require(_Phase.IDLE, "accumulating a step")
+        n_step = step_label_tokens(micro_batches, self.device)
+        num_items = micro_batch_divisor(self.loss_reduction, n_step, self.groups.world_size, G)
+        outputs = []
+        for i, b in enumerate(micro_batches):
+            out = self._forward_backward(b, num_items)
+            want = count_label_tokens(b["labels"])
+            if out.num_label_tokens is not None and int(out.num_label_tokens) != want:
+                raise RuntimeError(
+                    f"the model counted {int(out.num_label_tokens)} labelled tokens, the "
+                    f"trainer {want}: the token-mean denominator would be wrong"
+                )
+            outputs.append(out)
+            if i < G - 1:
+                self.engine.step()  # DeepSpeed counts the micro-step; no update
+        self._phase = _Phase.ACCUMULATED
+        return outputs, n_step
 
-        return accumulate(self, micro_batches)
+    def _sync_grads(self) -> None:
+        """Reduce the expert grads over EDP (EP mode; DeepSpeed reduced its own in backward)."""
+        if self._phase is _Phase.SYNCED:
+            raise RuntimeError(
+                "the gradients of this step are already synchronised; a second "
+                "synchronisation would divide them by the world size twice"
+            )
+        self._require(_Phase.ACCUMULATED, "synchronising the gradients")
+        if self.expert_optimizer is not None:
+            self.expert_optimizer.sync_grads()
+        self._phase = _Phase.SYNCED
 
-    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
-        """One optimizer step from this rank's GAS micro-batches (collective).
+    def _clip_joint(self) -> float:
+        """Joint norm of every adapter grad; clip all by one coefficient (collective).
 
-        Returns:
-            A :class:`~loramoe_ds.parallel.step.StepResult` (reduce it over ranks
-            with :mod:`loramoe_ds.train_loop.metrics`).
-        """
-        outputs, n_step = self.accumulate(micro_batches)
-        lr = float(self.engine.get_lr()[0])
-        norm = self.optimizer_step()
-        return StepResult(outputs, list(micro_batches), n_step, lr, norm)
-
-    def train_micro_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One micro-batch; steps every optimizer at the gradient-accumulation boundary.
-
-        Args:
-            batch: ``input_ids, attention_mask, labels, task_type`` of this rank.
-
-        Returns:
-            This rank's ``loss, lm_loss, lbc, lb, z`` and, on a boundary,
-            ``lr`` and ``grad_norm`` (the joint norm before clipping).
-        """
-        out = self.forward_backward(batch)
-        stats = {
-            "loss": out.loss.item(),
-            "lm_loss": out.lm_loss.item(),
-            "lbc": out.lbc_loss.item(),
-            "lb": out.load_balance_loss.item(),
-            "z": out.z_loss.item(),
-        }
-        if self.engine.is_gradient_accumulation_boundary():
-            stats["lr"] = float(self.engine.get_lr()[0])
-            norm = self.optimizer_step()
-            if norm is not None:
-                stats["grad_norm"] = float(norm)
-        else:
-            self.engine.step()  # DeepSpeed counts the micro-step; no update
-        return stats
-
-    def sync_expert_grads(self) -> torch.Tensor | None:
-        """Sum local expert grads over EDP and divide by W (collective).
-
-        Returns:
-            The flat synchronised fp32 grad of the local shards (``None`` when
-            replicated).
-        """
-        params = self.expert_params()
-        if not params:
-            return None
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1).float() for p in params])
-        if self.groups.edp_size > 1:
-            dist.all_reduce(flat, group=self.groups.edp_group)
-        flat /= self.groups.world_size
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p))
-            offset += n
-        return flat
-
-    def clip_joint(self, flat_expert_grad: torch.Tensor) -> float:
-        """Joint router + expert grad norm; clip both by one coefficient (collective).
+        EP mode: the routers (engine) and the expert shards (their
+        :class:`ExpertOptimizer` share). Replicated mode: every engine adapter
+        tensor (routers and banks), the norm DeepSpeed clips by.
 
         Returns:
             The norm before clipping.
         """
         from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
-        router_grads = [(p, safe_get_full_grad(p)) for p in self.router_params()]
+        self._require(_Phase.SYNCED, "clipping the gradients")
+        own = [p for p in self.model.parameters() if p.requires_grad]
+        if self.expert_optimizer is not None:
+            own = self.router_params()
+        engine_grads = [(p, safe_get_full_grad(p)) for p in own]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _, g in router_grads:
+        for _, g in engine_grads:
             if g is not None:
                 sq += g.float().pow(2).sum()
-        ex = flat_expert_grad.pow(2).sum().to(sq.device)
-        if self.groups.ep_size > 1:
-            dist.all_reduce(ex, group=self.groups.ep_group)
-        norm = float(torch.sqrt(sq + ex))
-        if self.max_grad_norm > 0:
-            coef = self.max_grad_norm / (norm + CLIP_EPS)
+        if self.expert_optimizer is not None:
+            sq = sq + self.expert_optimizer.sq_norm(sq.device)
+        norm = float(torch.sqrt(sq))
+        if self.optim.grad_clip > 0:
+            coef = self.optim.grad_clip / (norm + CLIP_EPS)
             if coef < 1.0:
-                for p, g in router_grads:
+                for p, g in engine_grads:
                     if g is not None:
                         safe_set_full_grad(p, g * coef)
-                for p in self.expert_params():
-                    p.grad.mul_(coef)
+                if self.expert_optimizer is not None:
+                    self.expert_optimizer.scale_grads(coef)
         return norm
 
-    def optimizer_step(self, flat_expert_grad: torch.Tensor | None = None) -> float | None:
-        """At a GAS boundary, after the last backward: sync, clip and step everything.
+    def _optimizer_step(self) -> float | None:
+        """Clip and step everything at the accumulation boundary, after the synchronisation.
 
-        EP mode: :meth:`sync_expert_grads` (unless its result is passed in),
-        :meth:`clip_joint`, expert AdamW at ``engine.get_lr()[0]``, then
+        EP mode: :meth:`_clip_joint`, expert AdamW at ``engine.get_lr()[0]``, then
         ``engine.step()`` (routers + LR schedule). Replicated mode:
         ``engine.step()`` (DeepSpeed clips and steps all parameters).
 
@@ -488,28 +536,35 @@ class MoETrainer:
             The grad norm before clipping (joint in EP mode; DeepSpeed's in
             replicated mode, ``None`` if it has none).
         """
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                "an optimizer step off the gradient-accumulation boundary would step the "
+                "experts but not the routers"
+            )
+        self._require(_Phase.SYNCED, "an optimizer step")
         norm = None
         if self.expert_optimizer is not None:
-            if flat_expert_grad is None:
-                flat_expert_grad = self.sync_expert_grads()
-            norm = self.clip_joint(flat_expert_grad)
-            lr = float(self.engine.get_lr()[0])
-            for group in self.expert_optimizer.param_groups:
-                group["lr"] = lr
-            self.expert_optimizer.step()
-            self.expert_optimizer.zero_grad(set_to_none=True)
+            norm = self._clip_joint()
+            self.expert_optimizer.step(self.lr)
         self.engine.step()
+        self._phase = _Phase.IDLE
         if norm is None:
             norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     def full_adapter_grads(self) -> dict[str, torch.Tensor]:
-        """Every trainable gradient, unsharded, fp32, CPU (collective).
+        """Every trainable gradient of the step, unsharded, fp32, CPU (collective).
 
-        Call at a GAS boundary after the backward (and, in EP mode, after
-        :meth:`sync_expert_grads`) and before :meth:`optimizer_step`.
+        Only inside :meth:`train_step`'s ``grad_hook``: after the synchronisation,
+        before the clip.
+
+        Raises:
+            RuntimeError: Anywhere else (the expert gradients would be unreduced
+                next to averaged router gradients, or already stepped).
         """
         from deepspeed.utils import safe_get_full_grad
+
+        self._require(_Phase.SYNCED, "reading the gradients (train_step's grad_hook)")
 
         def full(p):
             g = safe_get_full_grad(p)

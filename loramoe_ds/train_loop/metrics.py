@@ -130,7 +130,7 @@ def reduce_step(
 
 
 class MetricsAccumulator:
-    """Turns each :class:`~loramoe_ds.parallel.step.StepResult` into one logged row.
+    """Turns each :class:`~loramoe_ds.parallel.engine.StepResult` into one logged row.
 
     Args:
         metrics: The schema (default :data:`STEP_METRICS`).

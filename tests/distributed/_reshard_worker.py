@@ -24,7 +24,7 @@ import _common as C  # noqa: E402
 from loramoe_ds.data.collate import Collator  # noqa: E402
 from loramoe_ds.data.loader import StatefulLoader  # noqa: E402
 from loramoe_ds.data.sampler import ResumableDistributedSampler  # noqa: E402
-from loramoe_ds.lr_schedule import scheduler_config  # noqa: E402
+from loramoe_ds.lr_schedule import LRSchedule  # noqa: E402
 from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
 from loramoe_ds.train_loop.metrics import reduce_step  # noqa: E402
 from loramoe_ds.train_loop.steps import optimizer_steps  # noqa: E402
@@ -58,12 +58,6 @@ def ds_config(world: int, micro: int, gas: int, stage: int) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "train_batch_size": GLOBAL_BATCH,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01},
-        },
-        "scheduler": scheduler_config(STEPS, 2, 0.1),
-        "gradient_clipping": 0.5,
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
     }
@@ -93,6 +87,8 @@ def one_run(spec: dict, out: Path) -> dict:
         ds_config(world, spec["micro"], spec["gas"], spec.get("stage", 3)),
         spec["ep"],
         seed=0,
+        optim=C.optim(0.5),
+        lr_schedule=LRSchedule(STEPS, 2, 0.1),
         init_state=C.init_state(spec["router"], **spec.get("extra", {})),
     )
     rank = dist.get_rank()

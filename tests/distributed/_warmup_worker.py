@@ -30,7 +30,8 @@ def main(out: Path, overrides: list[str]) -> None:
     plan = make_plan(run, {}, world, rank)
     trainer = MoETrainer.build(
         model_factory(plan), run.adapter, plan.ds_config, ep_size=run.parallel.ep_size,
-        seed=run.train.seed, num_layers=plan.num_layers,
+        seed=run.train.seed, optim=plan.optim, lr_schedule=plan.lr_schedule,
+        num_layers=plan.num_layers,
     )  # fmt: skip
     before = trainer.full_adapter_state()
     steps = []

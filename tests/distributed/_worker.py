@@ -63,6 +63,15 @@ def base_storage(trainer) -> tuple[int, int]:
     return local, full
 
 
+def _grads_into(res: dict, key: str = "grads"):
+    """A ``grad_hook`` storing the step's synchronised gradients under ``res[key]``."""
+
+    def hook(trainer):
+        res[key] = trainer.full_adapter_grads()
+
+    return hook
+
+
 def equivalence(args, out: Path):
     import torch.distributed as dist
 
@@ -70,10 +79,12 @@ def equivalence(args, out: Path):
     for case in args["cases"]:
         key = case["key"]
         world = int(os.environ["WORLD_SIZE"])
-        cfg = C.ds_config(world, case["stage"], case["gas"], case["clip"], case.get("sched", False))
+        # Each micro-batch's LM loss is its own token mean (the reference's objective).
         trainer = MoETrainer.build(
-            C.model_factory, C.adapter_cfg(case["router"]), cfg, case["ep"], seed=0,
-            init_state=C.init_state(case["router"]),
+            C.model_factory, C.adapter_cfg(case["router"]),
+            C.ds_config(world, case["stage"], case["gas"]), case["ep"], seed=0,
+            optim=C.optim(case["clip"]), lr_schedule=C.warmup_lr(case.get("sched", False)),
+            init_state=C.init_state(case["router"]), loss_reduction="micro_batch_mean",
         )  # fmt: skip
         rank = dist.get_rank()
         base = base_state(trainer)  # collective
@@ -81,18 +92,11 @@ def equivalence(args, out: Path):
         res["init"] = trainer.full_adapter_state()
         losses, lrs = [], []
         for step in range(case["steps"]):
-            for m in range(case["gas"]):
-                b = C.batch(rank, step, m)
-                if m < case["gas"] - 1:
-                    losses.append(trainer.train_micro_batch(b))
-                    continue
-                out_ = trainer.forward_backward(b)
-                losses.append({"loss": float(out_.loss)})
-                lrs.append(float(trainer.engine.get_lr()[0]))
-                flat = trainer.sync_expert_grads()
-                if step == 0:
-                    res["grads"] = trainer.full_adapter_grads()
-                res.setdefault("norms", []).append(trainer.optimizer_step(flat))
+            micro = [C.batch(rank, step, m) for m in range(case["gas"])]
+            result = trainer.train_step(micro, _grads_into(res) if step == 0 else None)
+            losses += [{"loss": float(o.loss)} for o in result.outputs]
+            lrs.append(result.lr)
+            res.setdefault("norms", []).append(result.grad_norm)
         res["losses"] = losses
         res["lrs"] = lrs
         res["final"] = trainer.full_adapter_state()
@@ -112,10 +116,11 @@ def train(args, out: Path):
     import torch.distributed as dist
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = C.ds_config(world, args["stage"], args["gas"], args["clip"], sched=True)
     trainer = MoETrainer.build(
-        C.model_factory, C.adapter_cfg(args["router"], dropout=0.1), cfg, args["ep"], seed=0,
-        init_state=C.init_state(args["router"]),
+        C.model_factory, C.adapter_cfg(args["router"], dropout=0.1),
+        C.ds_config(world, args["stage"], args["gas"]), args["ep"], seed=0,
+        optim=C.optim(args["clip"]), lr_schedule=C.warmup_lr(),
+        init_state=C.init_state(args["router"]), loss_reduction="micro_batch_mean",
     )  # fmt: skip
     rank = dist.get_rank()
     start = 0
@@ -124,9 +129,9 @@ def train(args, out: Path):
         start = cs["next_step"]
     losses = {}
     for step in range(start, args["steps"]):
-        for m in range(args["gas"]):
-            st = trainer.train_micro_batch(C.batch(rank, step, m))
-            losses[(step, m)] = st["loss"]
+        result = trainer.train_step([C.batch(rank, step, m) for m in range(args["gas"])])
+        for m, o in enumerate(result.outputs):
+            losses[(step, m)] = float(o.loss)
         if step + 1 in args.get("save_at", []):
             if step + 1 == args.get("hang_at"):
                 hang_in_next_save(args["marker"])
@@ -144,21 +149,19 @@ def token_mean(args, out: Path):
     results = {}
     world = int(os.environ["WORLD_SIZE"])
     for case in args["cases"]:
-        cfg = C.ds_config(world, case["stage"], case["gas"], 0.0)
         trainer = MoETrainer.build(
-            C.model_factory, C.adapter_cfg(case["router"]), cfg, case["ep"], seed=0,
+            C.model_factory, C.adapter_cfg(case["router"]),
+            C.ds_config(world, case["stage"], case["gas"]), case["ep"], seed=0, optim=C.optim(),
             init_state=C.init_state(case["router"]), loss_reduction=case["reduction"],
         )  # fmt: skip
         rank = dist.get_rank()
         base = base_state(trainer)
         micro = [C.uneven_batch(rank, m) for m in range(case["gas"])]
-        outputs, n_step = trainer.accumulate(micro)
-        row = reduce_step(outputs, micro)
-        flat = trainer.sync_expert_grads()
-        grads = trainer.full_adapter_grads()
-        trainer.optimizer_step(flat)
-        results[case["key"]] = {"base": base if rank == 0 else None, "grads": grads,
-                                "row": row, "n_step": n_step}  # fmt: skip
+        got: dict = {}
+        result = trainer.train_step(micro, _grads_into(got))
+        row = reduce_step(result.outputs, micro)
+        results[case["key"]] = {"base": base if rank == 0 else None, "grads": got["grads"],
+                                "row": row, "n_step": result.label_tokens}  # fmt: skip
         dist.barrier()
     return results
 
@@ -171,27 +174,86 @@ def activation_checkpointing(args, out: Path):
     world = int(os.environ["WORLD_SIZE"])
     for case in args["cases"]:
         for ac in (False, True):
-            cfg = C.ds_config(world, case["stage"], 1, 0.0)
             trainer = MoETrainer.build(
-                C.model_factory, C.adapter_cfg(case["router"], dropout=0.1), cfg, case["ep"],
-                seed=0, init_state=C.init_state(case["router"]), activation_checkpointing=ac,
+                C.model_factory, C.adapter_cfg(case["router"], dropout=0.1),
+                C.ds_config(world, case["stage"], 1), case["ep"], seed=0, optim=C.optim(),
+                init_state=C.init_state(case["router"]), activation_checkpointing=ac,
             )  # fmt: skip
             rank = dist.get_rank()
             calls = []
             first = trainer.model.moe_layers()[0]
             hook = first.register_forward_hook(lambda *a, calls=calls: calls.append(1))
             trainer.comm.reset()
-            outputs, _ = trainer.accumulate([C.batch(rank, 0, 0)])
-            hook.remove()
-            flat = trainer.sync_expert_grads()
+            got: dict = {}
+
+            def grad_hook(t, got=got, hook=hook):
+                hook.remove()  # the step's forwards (and recomputations) are over
+                got["a2a_calls"] = t.comm.calls
+                got["grads"] = t.full_adapter_grads()
+
+            result = trainer.train_step([C.batch(rank, 0, 0)], grad_hook)
             results[(case["key"], ac)] = {
-                "grads": trainer.full_adapter_grads(),
-                "loss": float(outputs[0].loss),
+                "grads": got["grads"],
+                "loss": float(result.outputs[0].loss),
                 "forwards": len(calls),
-                "a2a_calls": trainer.comm.calls,
+                "a2a_calls": got["a2a_calls"],
             }
-            trainer.optimizer_step(flat)
             dist.barrier()
+    return results
+
+
+def _caught(fn) -> tuple[str, str] | None:
+    """``(exception type, message)`` of what ``fn()`` raises, ``None`` if nothing."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test checks type and message
+        return type(e).__name__, str(e)
+    return None
+
+
+def _misuse_case(case: dict, world: int) -> dict:
+    import torch.distributed as dist
+
+    trainer = MoETrainer.build(
+        C.model_factory, C.adapter_cfg(case["router"]),
+        C.ds_config(world, 3, case["gas"]), case["ep"], seed=0, optim=C.optim(0.5),
+        init_state=C.init_state(case["router"]),
+    )  # fmt: skip
+    rank = dist.get_rank()
+    micro = [C.batch(rank, 0, m) for m in range(case["gas"])]
+    got = {
+        "grads_before_step": _caught(trainer.full_adapter_grads),
+        "step_off_boundary": _caught(trainer._optimizer_step),
+        "sync_before_backward": _caught(trainer._sync_grads),
+        "wrong_micro_batches": _caught(lambda: trainer.train_step(micro + micro[:1])),
+    }
+    if trainer.expert_optimizer is not None:
+        got["expert_step_before_sync"] = _caught(lambda: trainer.expert_optimizer.step(1e-3))
+
+    def hook(t):
+        got["second_sync"] = _caught(t._sync_grads)
+        if t.expert_optimizer is not None:
+            got["second_expert_sync"] = _caught(t.expert_optimizer.sync_grads)
+        got["nested_step"] = _caught(lambda: t.train_step(micro))
+        got["clip_norm"] = t._clip_joint()  # replicated mode too
+        got["grads_in_hook"] = sorted(t.full_adapter_grads())
+
+    result = trainer.train_step(micro, hook)
+    got["grad_norm"] = result.grad_norm
+    got["grads_after_step"] = _caught(trainer.full_adapter_grads)
+    got["global_step"] = trainer.global_step
+    return got
+
+
+def misuse(args, out: Path):
+    """Every misuse of the step API raises: ``{case: {misuse: (exception type, message)}}``."""
+    import torch.distributed as dist
+
+    results = {}
+    world = int(os.environ["WORLD_SIZE"])
+    for case in args["cases"]:
+        results[case["key"]] = _misuse_case(case, world)
+        dist.barrier()
     return results
 
 
@@ -200,7 +262,8 @@ def main():
     import torch.distributed as dist
 
     scenarios = {"equivalence": equivalence, "train": train, "token_mean": token_mean,
-                 "activation_checkpointing": activation_checkpointing}  # fmt: skip
+                 "activation_checkpointing": activation_checkpointing,
+                 "misuse": misuse}  # fmt: skip
     res = scenarios[scenario](args, out)
     rank = dist.get_rank()
     torch.save(res, out / f"result_rank{rank}.pt")

@@ -55,9 +55,9 @@ def reference(base_state, init, case, world, lrs):
         for n, p in adapter.items():
             p.copy_(init[n])
     params = list(adapter.values())
-    hp = C.ds_config(world, 0)["optimizer"]["params"]
-    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"],
-                            weight_decay=hp["weight_decay"])  # fmt: skip
+    hp = C.optim()
+    opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                            weight_decay=hp.weight_decay)  # fmt: skip
     losses, grads, G = {}, None, case["gas"]
     for step in range(case["steps"]):
         opt.zero_grad()

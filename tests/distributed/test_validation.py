@@ -48,5 +48,5 @@ def test_build_fails_before_process_groups(monkeypatch, ep_size, num_experts, ma
     monkeypatch.setenv("RANK", "0")
     cfg = AdapterConfig(router="topk", top_k=2, num_experts=num_experts, lbc_beta=0.0)
     with pytest.raises(ValueError, match=match):
-        MoETrainer.build(C.model_factory, cfg, C.ds_config(2, 3), ep_size=ep_size)
+        MoETrainer.build(C.model_factory, cfg, C.ds_config(2, 3), ep_size=ep_size, optim=C.optim())
     assert not dist.is_initialized()

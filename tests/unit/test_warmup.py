@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from loramoe_ds.lr_schedule import NAME, WarmupCosineLR, lr_ratio, scheduler_config
+from loramoe_ds.lr_schedule import LRSchedule, WarmupCosineLR, lr_ratio
 
 
 def _reference(n: int, warmup: int, total: int, m: float) -> float:
@@ -69,15 +69,14 @@ def test_deepspeed_builtin_would_not_move_step_one():
     assert _lrs_used(ds, opt, 3)[:2] == [0.0, 0.0]
 
 
-def test_deepspeed_builds_it_from_the_plan_config():
-    """The DeepSpeed JSON written by make_plan selects this schedule by name."""
-    from deepspeed.runtime import lr_schedules
-
-    cfg = scheduler_config(total=40, warmup=4, min_ratio=0.1)
-    assert cfg["type"] == NAME and getattr(lr_schedules, NAME) is WarmupCosineLR
+def test_deepspeed_builds_it_from_the_plan_settings():
+    """The typed schedule the trainer hands to ``deepspeed.initialize(lr_scheduler=...)``
+    builds this schedule from the optimizer, as DeepSpeed calls it."""
+    sched = LRSchedule(total_steps=40, warmup_steps=4, min_lr_ratio=0.1)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2e-4)
-    sched = getattr(lr_schedules, cfg["type"])(opt, **cfg["params"])
-    assert sched.get_last_lr() == [pytest.approx(5e-5)]
+    built = sched(opt)
+    assert isinstance(built, WarmupCosineLR)
+    assert built.get_last_lr() == [pytest.approx(5e-5)]
 
 
 def test_make_plan_uses_it():
@@ -86,5 +85,6 @@ def test_make_plan_uses_it():
 
     run = load_run_config(None, ["model.name=tiny-llama", "train.warmup_steps=4", "train.lr=1e-3"])
     plan = make_plan(run, {}, world_size=1, rank=0)
-    assert plan.ds_config["scheduler"] == scheduler_config(run.train.max_steps, 4, 0.1)
+    assert plan.lr_schedule == LRSchedule(run.train.max_steps, 4, 0.1)
+    assert "scheduler" not in plan.ds_config and "optimizer" not in plan.ds_config
     assert "linear warm-up from 0.00025 (step 1) to 0.001 (step 4)" in plan.describe()
