@@ -67,10 +67,11 @@ def test_policy_prunes_to_the_newest_k_by_step_number(tmp_path):
     assert CheckpointPolicy(max_steps=100, keep=0).prune(tmp_path) == []
 
 
-def _out(lm_sum, n, loss, lbc, lb, z):
+def _out(lm_sum, n, loss, lbc, lb, z, sup=0.0):
     t = torch.tensor
     return SimpleNamespace(lm_loss_sum=t(lm_sum), num_label_tokens=n, loss=t(loss),
-                           lbc_loss=t(lbc), load_balance_loss=t(lb), z_loss=t(z))  # fmt: skip
+                           lbc_loss=t(lbc), load_balance_loss=t(lb), z_loss=t(z),
+                           router_supervision_loss=t(sup))  # fmt: skip
 
 
 def _batch(mask_rows):
@@ -79,12 +80,13 @@ def _batch(mask_rows):
 
 
 def test_reduce_step_token_mean_and_micro_means_in_one_process():
-    outs = [_out(6.0, 2, 3.5, 0.2, 1.0, 10.0), _out(30.0, 10, 3.1, 0.4, 3.0, 20.0)]
+    outs = [_out(6.0, 2, 3.5, 0.2, 1.0, 10.0, 0.6), _out(30.0, 10, 3.1, 0.4, 3.0, 20.0, 0.2)]
     batches = [_batch([[1, 1, 1], [1, 0, 0]]), _batch([[1, 1, 1, 1], [1, 1, 1, 1]])]
     row = reduce_step(outs, batches)
     assert row["lm_loss"] == pytest.approx(36.0 / 12)  # token mean, not (3 + 3) / 2
     assert row["loss"] == pytest.approx(3.3)
     assert (row["lbc"], row["lb"], row["z"]) == pytest.approx((0.3, 2.0, 15.0))
+    assert row["sup"] == pytest.approx(0.4)
     assert row["tokens"] == 12 and row["label_tokens"] == 12
     assert row["pad_frac"] == pytest.approx(2 / 14)
 
