@@ -145,7 +145,7 @@ class ResumableDistributedSampler(Sampler):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "position", "global_position", "seed", "num_samples_total",
-        "num_replicas", "global_batch"}``."""
+        "num_replicas", "global_batch", "mix"}`` (``mix``: the mix's digest or None)."""
         return {
             "epoch": self.epoch,
             "position": self.position,
@@ -154,6 +154,7 @@ class ResumableDistributedSampler(Sampler):
             "num_samples_total": self.n,
             "num_replicas": self.world,
             "global_batch": self.global_batch,
+            "mix": self.mix.digest if self.mix is not None else None,
         }
 
     def _identity(self) -> dict[str, Any]:
