@@ -4,6 +4,7 @@ dataset sources (Parquet, save_to_disk, Hub offline) and the per-dataset log."""
 from __future__ import annotations
 
 import json
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -234,3 +235,27 @@ def test_record_without_task_type_needs_a_dataset_one(tmp_path, tok) -> None:
                      datasets=[{"path": str(p), "task_type": "downstream"}])  # fmt: skip
     ds, _ = load_tokenized(cfg.train_files, tok, cfg)
     assert ds["task_type"] == [0]
+
+
+def test_run_config_reads_a_mix_from_yaml_values() -> None:
+    from loramoe_ds.run_config import RunConfig
+
+    a = {"path": "a.jsonl", "weight": "2", "task_type": "knowledge"}
+    b = {"path": "b.parquet", "weight": 1, "format": "sharegpt"}
+    d = {"data": {"datasets": [a, b]}}
+    run = RunConfig.from_dict(d)
+    assert run.data.train_files == ["a.jsonl", "b.parquet"]
+    assert [(s.weight, s.format) for s in run.data.datasets] == [(2.0, "auto"), (1.0, "sharegpt")]
+    for bad, phrase in [
+        ({"path": "a.jsonl", "weight": -1}, "data.datasets[0].weight=-1.0: must be a number > 0"),
+        ({"path": "a.jsonl", "format": "csv"}, "data.datasets[0].format='csv': valid values"),
+        ({"path": "a.jsonl", "task_type": 2}, "data.datasets[0].task_type=2: must be 0, 1"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(phrase)):
+            RunConfig.from_dict({"data": {"datasets": [bad]}})
+    with pytest.raises(ValueError, match="weight to every dataset or none"):
+        DataConfig(datasets=[{"path": "a", "weight": 1}, {"path": "b"}])
+    with pytest.raises(ValueError, match="either train_files or datasets"):
+        DataConfig(train_files=["x.jsonl"], datasets=[{"path": "a"}])
+    with pytest.raises(ValueError, match=r"data\.loss_on='first': valid values"):
+        DataConfig(loss_on="first")
