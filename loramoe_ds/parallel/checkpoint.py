@@ -111,34 +111,6 @@ def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
 
 
 # -- gathering -----------------------------------------------------------------
-def gather_adapter(model, groups, full, local) -> dict[str, torch.Tensor]:
-    """Walk every adapted linear and return unsharded tensors (collective).
-
-    Args:
-        model: The injected model.
-        groups: The EP/EDP groups.
-        full: ``param -> full CPU tensor`` for engine (ZeRO) parameters.
-        local: ``param -> local tensor`` for an EP shard; shards are all-gathered
-            over the EP group (global expert id = ep_rank * local + i).
-
-    Returns:
-        ``{name: tensor}`` in the naming of ``LoRAMoEModel.adapter_named_parameters``.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for layer in model.moe_layers():
-        out[f"{layer.name}.router.weight"] = full(layer.router.weight)
-        if layer.experts is not None:
-            out[f"{layer.name}.experts.lora_A"] = full(layer.experts.lora_A)
-            out[f"{layer.name}.experts.lora_B"] = full(layer.experts.lora_B)
-            continue
-        for pname in ("lora_A", "lora_B"):
-            shard = local(getattr(layer.dispatcher.bank, pname))
-            parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
-            dist.all_gather(parts, shard, group=groups.ep_group)
-            out[f"{layer.name}.experts.{pname}"] = torch.cat(parts).cpu()
-    return out
-
-
 def load_full_state(model, state: dict[str, torch.Tensor]) -> None:
     """Copy a full adapter state into an injected, not yet sharded model."""
     params = dict(model.adapter_named_parameters())
@@ -167,7 +139,7 @@ def full_adapter_state(trainer) -> dict[str, torch.Tensor]:
         v = safe_get_full_fp32_param(p)
         return _cpu(p if v is None else v)
 
-    return gather_adapter(trainer.model, trainer.groups, full, lambda p: p.detach().float())
+    return trainer.layout.gather(full, lambda p: p.detach().float())
 
 
 def full_optimizer_state(trainer) -> dict[str, Any] | None:
@@ -192,41 +164,15 @@ def full_optimizer_state(trainer) -> dict[str, Any] | None:
         def local(p, key=key):
             return expert_adamw.state[p][key].detach().float()
 
-        out[key] = gather_adapter(trainer.model, trainer.groups, full, local)
-    engine_names = set(_engine_params(trainer))
+        out[key] = trainer.layout.gather(full, local)
+    engine_names = set(trainer.layout.engine_params())
     out["step"] = {n: step_e if n in engine_names else step_x for n in out["exp_avg"]}
-    return out
-
-
-def _engine_params(trainer) -> dict[str, torch.nn.Parameter]:
-    """Adapter tensors held by the DeepSpeed engine: routers, and the banks when P = 1."""
-    out = {}
-    for layer in trainer.model.moe_layers():
-        out[f"{layer.name}.router.weight"] = layer.router.weight
-        if layer.experts is not None:
-            out[f"{layer.name}.experts.lora_A"] = layer.experts.lora_A
-            out[f"{layer.name}.experts.lora_B"] = layer.experts.lora_B
-    return out
-
-
-def _local_shards(trainer) -> dict[str, tuple[torch.nn.Parameter, int, int]]:
-    """EP shards: ``name -> (param, first global expert, local count)``."""
-    out = {}
-    for layer in trainer.model.moe_layers():
-        d = layer.dispatcher
-        if layer.experts is None and d is not None:
-            for pname in ("lora_A", "lora_B"):
-                out[f"{layer.name}.experts.{pname}"] = (
-                    getattr(d.bank, pname),
-                    d.first_expert,
-                    d.num_local,
-                )
     return out
 
 
 def _load_engine_state(trainer, params, optim) -> None:
     engine = trainer.engine
-    named = _engine_params(trainer)
+    named = trainer.layout.engine_params()
     for n, p in named.items():
         zero_state.set_engine_tensor(engine, p, params[n], None)
     if optim is not None:
@@ -246,7 +192,7 @@ def _load_engine_state(trainer, params, optim) -> None:
 def _load_expert_state(trainer, params, optim) -> None:
     opt = trainer.expert_optimizer.adamw if trainer.expert_optimizer else None
     with torch.no_grad():
-        for n, (p, lo, L) in _local_shards(trainer).items():
+        for n, (p, lo, L) in trainer.layout.local_shards().items():
             p.copy_(params[n][lo : lo + L].to(p.device, p.dtype))
             if optim is not None:
                 zero_state.init_adam_state(opt, [p], optim["step"][n])

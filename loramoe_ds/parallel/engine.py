@@ -34,10 +34,12 @@ What :meth:`MoETrainer.build` does, in order:
    every rank: routers and full expert banks are identical on all ranks (the
    routers become ZeRO parameters inside ``deepspeed.initialize``). An optional
    full adapter state (``init_state``) overwrites them.
-5. ``ep_size > 1``: each adapted linear's bank is cut to its local shard
-   (global experts ``[ep_rank*L, (ep_rank+1)*L)``), ``layer.experts = None`` and
-   an :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` owning the shard is
-   attached. The banks are therefore *not* engine parameters.
+5. :meth:`AdapterLayout.build <loramoe_ds.parallel.layout.AdapterLayout.build>`
+   records who owns each router and expert tensor; with ``ep_size > 1`` it cuts
+   each adapted linear's bank to its local shard (global experts
+   ``[ep_rank*L, (ep_rank+1)*L)``), sets ``layer.experts = None`` and attaches an
+   :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` owning the shard. The
+   banks are therefore *not* engine parameters.
    ``ep_size == 1`` ("replicated"): the banks stay in the model as ordinary
    trainable parameters that DeepSpeed/ZeRO manages like the routers (ZeRO-3
    partitions and gathers them; no all-to-all, no expert optimizer).
@@ -104,10 +106,11 @@ from loramoe_ds.config import AdapterConfig
 from loramoe_ds.model.experts import ExpertBank
 from loramoe_ds.model.inject import LoRAMoEModel, _num_layers, inject
 from loramoe_ds.parallel import checkpoint as ckpt
-from loramoe_ds.parallel.checkpoint import gather_adapter, load_full_state
-from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
+from loramoe_ds.parallel.checkpoint import load_full_state
+from loramoe_ds.parallel.dispatch import CommStats
 from loramoe_ds.parallel.expert_optimizer import ExpertOptimizer
 from loramoe_ds.parallel.groups import ExpertGroups, create_expert_groups, validate_ep
+from loramoe_ds.parallel.layout import AdapterLayout
 from loramoe_ds.parallel.settings import OptimizerSettings
 from loramoe_ds.parallel.token_mean import (
     LOSS_REDUCTIONS,
@@ -177,39 +180,6 @@ def _count_layers(model_factory: Callable[[], nn.Module], num_layers: int | None
         ) from exc
 
 
-def shard_banks(model: LoRAMoEModel, groups: ExpertGroups, stats: CommStats) -> list[ExpertBank]:
-    """Replace each layer's full bank by an EP dispatcher that owns its local shard.
-
-    Rank with EP rank ``p`` keeps experts ``[p*L, (p+1)*L)``; ``layer.experts``
-    becomes ``None``, so the bank is not a parameter of the model.
-
-    Returns:
-        The local shard banks, in ``model.moe_layers()`` order.
-    """
-    banks = []
-    for layer in model.moe_layers():
-        full = layer.experts
-        assert full is not None, f"{layer.name}: bank already detached"
-        L = full.num_experts // groups.ep_size
-        lo = groups.ep_rank * L
-        shard = ExpertBank(L, full.in_features, full.out_features, full.rank)
-        with torch.no_grad():
-            shard.lora_A.copy_(full.lora_A[lo : lo + L].float())
-            shard.lora_B.copy_(full.lora_B[lo : lo + L].float())
-        layer.experts = None
-        layer.dispatcher = EPDispatcher(
-            shard,
-            full.num_experts,
-            groups.ep_group,
-            groups.ep_size,
-            groups.ep_rank,
-            capacity_factor=layer.capacity_factor,
-            stats=stats,
-        )
-        banks.append(shard)
-    return banks
-
-
 class MoETrainer:
     """DeepSpeed engine + expert-parallel banks + expert optimizer (see module docstring).
 
@@ -220,6 +190,7 @@ class MoETrainer:
         engine: The DeepSpeed engine (module = the :class:`LoRAMoEModel`).
         model: The :class:`LoRAMoEModel` (``engine.module``).
         groups: EP/EDP topology.
+        layout: Who owns each router and expert tensor (:mod:`~loramoe_ds.parallel.layout`).
         expert_optimizer: The :class:`ExpertOptimizer` of the local banks (EP
             mode) or ``None`` (replicated).
         optim: The optimizer settings (AdamW and the joint clip).
@@ -232,6 +203,7 @@ class MoETrainer:
         engine,
         model: LoRAMoEModel,
         groups: ExpertGroups,
+        layout: AdapterLayout,
         expert_optimizer: ExpertOptimizer | None,
         optim: OptimizerSettings,
         loss_reduction: str = "token_mean",
@@ -244,6 +216,7 @@ class MoETrainer:
         self.engine = engine
         self.model: LoRAMoEModel = model
         self.groups: ExpertGroups = groups
+        self.layout = layout
         self.expert_optimizer = expert_optimizer
         self.optim = optim
         self.comm = CommStats()
@@ -339,7 +312,7 @@ class MoETrainer:
 
             model.aux_gather = DPGather()  # the world group: every rank is data-parallel
         stats = CommStats()
-        banks = shard_banks(model, groups, stats) if ep_size > 1 else []
+        layout = AdapterLayout.build(model, groups, stats)  # EP: cuts the shards
 
         # Dropout differs per rank from here on; the adapter init above did not.
         rank = groups.rank
@@ -355,8 +328,9 @@ class MoETrainer:
         got_wd = engine.optimizer.param_groups[0]["weight_decay"]
         assert got_wd == optim.weight_decay, (got_wd, optim)
 
+        banks = layout.local_banks()
         expert_opt = ExpertOptimizer(banks, groups, optim, engine.device) if banks else None
-        return cls(engine, model, groups, expert_opt, optim, loss_reduction)
+        return cls(engine, model, groups, layout, expert_opt, optim, loss_reduction)
 
     # -- properties ------------------------------------------------------
     @property
@@ -375,7 +349,7 @@ class MoETrainer:
     @property
     def banks(self) -> list[ExpertBank]:
         """Local expert shards (EP mode), in ``model.moe_layers()`` order; empty when replicated."""
-        return self.expert_optimizer.banks if self.expert_optimizer is not None else []
+        return self.layout.local_banks()
 
     @property
     def lr(self) -> float:
@@ -387,7 +361,8 @@ class MoETrainer:
         return self.expert_optimizer.params() if self.expert_optimizer is not None else []
 
     def router_params(self) -> list[nn.Parameter]:
-        return [layer.router.weight for layer in self.model.moe_layers()]
+        """Every router weight (engine parameters)."""
+        return self.layout.router_params()
 
     # -- the step --------------------------------------------------------
     def train_step(
@@ -504,10 +479,7 @@ class MoETrainer:
         from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
         self._require(_Phase.SYNCED, "clipping the gradients")
-        own = [p for p in self.model.parameters() if p.requires_grad]
-        if self.expert_optimizer is not None:
-            own = self.router_params()
-        engine_grads = [(p, safe_get_full_grad(p)) for p in own]
+        engine_grads = [(p, safe_get_full_grad(p)) for p in self.layout.engine_params().values()]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for _, g in engine_grads:
             if g is not None:
@@ -573,7 +545,7 @@ class MoETrainer:
         def local(p):
             return (torch.zeros_like(p) if p.grad is None else p.grad).float().contiguous()
 
-        return gather_adapter(self.model, self.groups, full, local)
+        return self.layout.gather(full, local)
 
     # -- state -----------------------------------------------------------
     def full_adapter_state(self) -> dict[str, torch.Tensor]:
