@@ -1,5 +1,8 @@
 """DeepSpeed training of a LoRA-expert model: ZeRO base, expert-parallel banks, one step.
 
+Length: one class, :class:`MoETrainer`, whose private step parts share and check one
+phase of the step; they stay together in this file.
+
 Shape legend: E experts of a layer, L = E/P local experts, P = ep_size, W world
 size, R rank, D / O input / output width of an adapted linear.
 
@@ -10,7 +13,7 @@ The API the launcher calls::
     for micro_batches in steps:                 # this rank's GAS micro-batches of one step
         result = trainer.train_step(micro_batches)  # StepResult: outputs, N_step, lr, grad_norm
         trainer.global_step                     # optimizer steps taken
-    trainer.save(dir, client_state)             # collective, atomic (checkpoint.py)
+    trainer.save(dir, client_state)             # collective, atomic (parallel/checkpoint/)
     client_state = trainer.load(dir)            # collective; None when nothing to resume
     trainer.export_adapter(path)                # collective; rank 0 writes safetensors
 
@@ -106,6 +109,7 @@ from loramoe_ds.config import AdapterConfig
 from loramoe_ds.model.experts import ExpertBank
 from loramoe_ds.model.inject import LoRAMoEModel, _num_layers, inject
 from loramoe_ds.parallel import checkpoint as ckpt
+from loramoe_ds.parallel import zero_state
 from loramoe_ds.parallel.checkpoint import load_full_state
 from loramoe_ds.parallel.dispatch import CommStats
 from loramoe_ds.parallel.expert_optimizer import ExpertOptimizer
@@ -548,6 +552,39 @@ class MoETrainer:
         return self.layout.gather(full, local)
 
     # -- state -----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own state: optimizer-step counters, the LR and the LR schedule.
+
+        The adapter tensors and both optimizers' Adam state travel separately
+        (gathered full by :mod:`loramoe_ds.parallel.checkpoint`).
+        """
+        e = self.engine
+        sched = getattr(e, "lr_scheduler", None)
+        return {
+            "global_step": int(e.global_steps),
+            "global_samples": int(e.global_samples),
+            "skipped_steps": int(e.skipped_steps),
+            "lr": self.lr,
+            "lr_scheduler": sched.state_dict() if sched is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s counters, LR schedule and LR (both optimizers)."""
+        self._require(_Phase.IDLE, "loading the trainer state")
+        e = self.engine
+        e.global_steps = state["global_step"]
+        e.global_samples = state["global_samples"]
+        e.skipped_steps = state["skipped_steps"]
+        e.micro_steps = state["global_step"] * int(e.gradient_accumulation_steps())
+        if state["lr_scheduler"] is not None and getattr(e, "lr_scheduler", None) is not None:
+            e.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        opts = [zero_state.inner_optimizer(e)]
+        if self.expert_optimizer is not None:
+            opts.append(self.expert_optimizer.adamw)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = state["lr"]
+
     def full_adapter_state(self) -> dict[str, torch.Tensor]:
         """Every router and expert tensor, experts gathered over EP (collective).
 
