@@ -45,6 +45,13 @@ def parse_args(argv=None):
     ap.add_argument(
         "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two results JSONs"
     )
+    ap.add_argument(
+        "--lm-eval-tasks",
+        default=None,
+        help="comma-separated lm-evaluation-harness tasks run beside the own scores "
+        "(shipped: loramoe = loramoe_knowledge_gen,loramoe_knowledge_mc,loramoe_downstream; "
+        "needs the lm-eval extra)",
+    )
     args = ap.parse_args(argv)
     if not args.compare and not args.model:
         ap.error("--model is required (or use --compare BEFORE AFTER)")
@@ -245,6 +252,19 @@ def main(argv=None) -> int:
             verbose=True,
         )
     )
+    if args.lm_eval_tasks:
+        from loramoe_ds.eval.harness import run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+        res["lm_eval"] = run_lm_eval(
+            model,
+            tok,
+            tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            system_prompt=args.system_prompt,
+        )
+        print0(json.dumps(res["lm_eval"], indent=1))
     res["timing"].update(load_s=round(load_s, 2), total_s=round(time.perf_counter() - t0, 2))
     res["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     if not is_main_process():

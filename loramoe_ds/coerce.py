@@ -137,6 +137,9 @@ def _coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise _RejectError
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):  # a nested config entry
+        hints = typing.get_type_hints(tp)
+        return {k: _coerce(v, hints[k]) if k in hints else v for k, v in value.items()}
     if isinstance(tp, type) and not isinstance(value, tp):
         raise _RejectError
     return value

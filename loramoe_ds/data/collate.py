@@ -28,11 +28,21 @@ def _padded_batch(B: int, longest: int, multiple: int | None, pad_token_id: int)
     return S, input_ids_BS, attention_mask_BS, labels_BS
 
 
+def label_spans(e: dict[str, Any], L: int) -> list[tuple[int, int]]:
+    """The labelled ``[start, end)`` token ranges of an example: its ``label_spans``
+    (flat ``[s0, e0, s1, e1, ...]``, chat records) when present, else ``[prompt_len, L)``."""
+    flat = e.get("label_spans")
+    if flat is None:
+        return [(int(e["prompt_len"]), L)]
+    return [(int(a), int(b)) for a, b in zip(flat[::2], flat[1::2])]
+
+
 class Collator:
     """Pads tokenised examples into a batch of LongTensors.
 
     Each example is a mapping with ``input_ids`` (list of ints), ``prompt_len``
-    and ``task_type``, as produced by :func:`loramoe_ds.data.load_tokenized`.
+    and ``task_type``, as produced by :func:`loramoe_ds.data.load_tokenized`;
+    with ``label_spans`` (:func:`label_spans`) only those ranges are labelled.
 
     Args:
         pad_token_id: Id written into padding positions of ``input_ids``.
@@ -60,10 +70,11 @@ class Collator:
         task_type_B = torch.empty(B, dtype=torch.long)
         for b, e in enumerate(examples):
             ids_L = torch.as_tensor(e["input_ids"], dtype=torch.long)
-            L, P = ids_L.numel(), int(e["prompt_len"])
+            L = ids_L.numel()
             input_ids_BS[b, :L] = ids_L
             attention_mask_BS[b, :L] = 1
-            labels_BS[b, P:L] = ids_L[P:]
+            for P, E in label_spans(e, L):
+                labels_BS[b, P:E] = ids_L[P:E]
             task_type_B[b] = int(e["task_type"])
         return {
             "input_ids": input_ids_BS,
@@ -137,10 +148,12 @@ class PackedCollator:
             t = 0
             for j, e in enumerate(row):
                 ids_L = torch.as_tensor(e["input_ids"], dtype=torch.long)
-                L, P = ids_L.numel(), max(int(e["prompt_len"]), 1)
+                L = ids_L.numel()
                 input_ids_BS[b, t : t + L] = ids_L
                 attention_mask_BS[b, t : t + L] = 1
-                labels_BS[b, t + P : t + L] = ids_L[P:]
+                for P, E in label_spans(e, L):
+                    P = max(P, 1)
+                    labels_BS[b, t + P : t + E] = ids_L[P:E]
                 position_ids_BS[b, t : t + L] = torch.arange(L)
                 seq_ids_BS[b, t : t + L] = j
                 task_type_BS[b, t : t + L] = int(e["task_type"])

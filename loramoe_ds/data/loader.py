@@ -16,14 +16,17 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from loramoe_ds.data.collate import Collator, PackedCollator, pad_id_for
 from loramoe_ds.data.config import DataConfig
+from loramoe_ds.data.mix import Mix
 from loramoe_ds.data.packing import PackedRows, PaddingStats, padding_stats, record_lengths
-from loramoe_ds.data.records import DataStats
+from loramoe_ds.data.records import DataError, DataStats
 from loramoe_ds.data.sampler import PackedDistributedSampler, ResumableDistributedSampler
+from loramoe_ds.data.sources import resolve_sources
 from loramoe_ds.data.tokenize import load_tokenized
 
 
@@ -118,8 +121,38 @@ class StatefulLoader:
         self._position = self.sampler.position
 
 
+def _mix(paths: Any, cfg: DataConfig, stats: DataStats) -> Mix | None:
+    """The weighted mix of the datasets (``None`` when no weights are set)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    weights = [s.spec.weight for s in resolve_sources(paths, cfg)]
+    if not weights or any(w is None for w in weights):
+        return None
+    sizes = [d["records"] for d in stats.per_dataset]
+    for d in stats.per_dataset:
+        if not d["records"]:
+            raise DataError(f"{d['name']}: no valid records, but the mix gives it a weight")
+    return Mix(tuple(sizes), tuple(float(w) for w in weights))
+
+
+def _realised_shares(stats: DataStats, sampler: ResumableDistributedSampler) -> None:
+    """Each dataset's share of the records epoch 0 hands out over all ranks."""
+    sizes = [d["records"] for d in stats.per_dataset]
+    if len(sizes) < 2:
+        return
+    if isinstance(sampler, PackedDistributedSampler):
+        rows = sampler.rows(0)[: sampler.per_rank_in(0) * sampler.world]
+        used = [i for row in rows for i in row]
+    else:
+        used = sampler._permutation(0)[: sampler.per_rank_in(0) * sampler.world]
+    which = np.searchsorted(np.cumsum(sizes), np.asarray(used, dtype=np.int64), side="right")
+    counts = np.bincount(which, minlength=len(sizes))
+    for d, c in zip(stats.per_dataset, counts):
+        d["share"] = int(c) / max(len(used), 1)
+
+
 def build_dataloader(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    paths: str | os.PathLike[str] | Sequence[Any],
     tokenizer: Any,
     cfg: DataConfig | None = None,
     *,
@@ -134,7 +167,9 @@ def build_dataloader(
     """Builds this rank's resumable DataLoader from data files and a tokenizer.
 
     Args:
-        paths: JSONL/JSON/Parquet file(s) of instruction records.
+        paths: The datasets (files, ``save_to_disk`` directories, Hub names), as
+            for :func:`~loramoe_ds.data.load_tokenized`; weights from
+            ``cfg.datasets`` make a mix (:mod:`loramoe_ds.data.mix`).
         tokenizer: Hugging Face tokenizer (chat template used when present).
         cfg: Data config; defaults to ``DataConfig()``.
         batch_size: Per-rank micro-batch size B.
@@ -161,13 +196,14 @@ def build_dataloader(
     """
     cfg = cfg or DataConfig()
     ds, stats = load_tokenized(paths, tokenizer, cfg, is_main=is_main, barrier=barrier)
-    ds = ds.select_columns(["input_ids", "prompt_len", "task_type"])
+    ds = ds.select_columns(["input_ids", "prompt_len", "label_spans", "task_type"])
     pad_id = pad_id_for(tokenizer)
+    mix = _mix(paths, cfg, stats)
 
     def packed_sampler() -> PackedDistributedSampler:
         return PackedDistributedSampler(
             record_lengths(ds), cfg.max_length, world_size, rank, seed=cfg.seed,
-            shuffle=cfg.shuffle, global_batch=global_batch,
+            shuffle=cfg.shuffle, global_batch=global_batch, mix=mix,
         )  # fmt: skip
 
     if cfg.packing:
@@ -184,10 +220,12 @@ def build_dataloader(
             seed=cfg.seed,
             shuffle=cfg.shuffle,
             global_batch=global_batch,
+            mix=mix,
         )
         dataset, collate = ds, Collator(pad_id, cfg.pad_to_multiple_of)
     loader = StatefulLoader(dataset, sampler, batch_size, collate, num_workers=cfg.num_workers)
     loader.stats = stats
+    _realised_shares(stats, sampler)
 
     def padding() -> PaddingStats:
         packed = sampler if isinstance(sampler, PackedDistributedSampler) else packed_sampler()

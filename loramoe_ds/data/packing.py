@@ -40,7 +40,7 @@ def pack_first_fit_decreasing(
     """Packs records into rows of at most ``max_length`` tokens.
 
     Args:
-        order: Record indices in epoch order (each index at most once).
+        order: Record indices in epoch order (an index may repeat: weighted mixes).
         lengths: ``lengths[i]`` = tokens of record ``i`` (``1 <= length <= max_length``).
         max_length: Row capacity in tokens.
         window: Records per first-fit-decreasing window (``>= 1``); 1 gives one

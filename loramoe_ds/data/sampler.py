@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from loramoe_ds.data.mix import Mix
 from loramoe_ds.data.packing import PACK_WINDOW, pack_first_fit_decreasing
 
 
@@ -51,6 +52,8 @@ class ResumableDistributedSampler(Sampler):
             if False, pad by wrapping around (some samples seen twice).
         global_batch: Samples per optimizer step over all ranks (``W * B * GAS``);
             each epoch is then ``N // global_batch`` whole steps (module docstring).
+        mix: Weighted dataset mix (:mod:`loramoe_ds.data.mix`): the epoch's
+            order is then the mix's draws (N of them) instead of a permutation.
     """
 
     def __init__(
@@ -62,7 +65,11 @@ class ResumableDistributedSampler(Sampler):
         shuffle: bool = True,
         drop_last: bool = True,
         global_batch: int | None = None,
+        mix: Mix | None = None,
     ) -> None:
+        if mix is not None and mix.total != num_samples_total:
+            raise ValueError(f"mix of {mix.total} records for a dataset of {num_samples_total}")
+        self.mix = mix
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
         if not 0 <= rank < num_replicas:
@@ -106,6 +113,8 @@ class ResumableDistributedSampler(Sampler):
 
     def _permutation(self, epoch: int, g: torch.Generator | None = None) -> list[int]:
         """The epoch's global order of ``range(N)``."""
+        if self.mix is not None:
+            return self.mix.order(self.seed, epoch, self.shuffle, g)
         if not self.shuffle:
             return list(range(self.n))
         g = g or torch.Generator().manual_seed(self.seed + epoch)
@@ -136,7 +145,7 @@ class ResumableDistributedSampler(Sampler):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "position", "global_position", "seed", "num_samples_total",
-        "num_replicas", "global_batch"}``."""
+        "num_replicas", "global_batch", "mix"}`` (``mix``: the mix's digest or None)."""
         return {
             "epoch": self.epoch,
             "position": self.position,
@@ -145,6 +154,7 @@ class ResumableDistributedSampler(Sampler):
             "num_samples_total": self.n,
             "num_replicas": self.world,
             "global_batch": self.global_batch,
+            "mix": self.mix.digest if self.mix is not None else None,
         }
 
     def _identity(self) -> dict[str, Any]:
@@ -154,6 +164,7 @@ class ResumableDistributedSampler(Sampler):
             "seed": self.seed,
             "packed": False,
             "global_batch": self.global_batch,
+            "mix": self.mix.digest if self.mix is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -168,7 +179,7 @@ class ResumableDistributedSampler(Sampler):
                 position cannot be split evenly over this run's ranks.
         """
         for key, mine in self._identity().items():
-            theirs = state.get(key, False if key == "packed" else mine)
+            theirs = state.get(key, {"packed": False, "mix": None}.get(key, mine))
             if theirs != mine:
                 raise ValueError(
                     f"sampler state has {key}={theirs} but this run has {mine}; "
@@ -212,6 +223,7 @@ class PackedDistributedSampler(ResumableDistributedSampler):
         shuffle: If False, records are packed in index order and rows not shuffled.
         window: Records per first-fit-decreasing window.
         global_batch: Rows per optimizer step over all ranks (each epoch whole steps).
+        mix: Weighted dataset mix (the records packed are then the mix's draws).
     """
 
     def __init__(
@@ -224,10 +236,11 @@ class PackedDistributedSampler(ResumableDistributedSampler):
         shuffle: bool = True,
         window: int = PACK_WINDOW,
         global_batch: int | None = None,
+        mix: Mix | None = None,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         super().__init__(len(self.lengths), num_replicas, rank, seed, shuffle, drop_last=True,
-                         global_batch=global_batch)  # fmt: skip
+                         global_batch=global_batch, mix=mix)  # fmt: skip
         self.max_length = int(max_length)
         self.window = int(window)
         self._cache: tuple[int, list[list[int]]] | None = None

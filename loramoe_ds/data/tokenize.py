@@ -35,26 +35,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from loramoe_ds.data.chat import ChatEncoder
 from loramoe_ds.data.config import DataConfig
+from loramoe_ds.data.encode import _TOKENIZED_FEATURES, _Tokenize  # noqa: F401  (tests patch _Tokenize here)
+from loramoe_ds.data.prompts import (  # noqa: F401  (re-exported: the prompt formats' old home)
+    PLAIN_PROMPT,
+    PLAIN_PROMPT_WITH_INPUT,
+    PromptFormatter,
+    user_message,
+)
 from loramoe_ds.data.records import DataError, DataStats, iter_records
+from loramoe_ds.data.sources import resolve_sources
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the cached layout or tokenisation changes."""
-
-PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-PLAIN_PROMPT_WITH_INPUT = (
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
 
 _ARROW_SCHEMA = pa.schema(
     [
         ("instruction", pa.string()),
         ("input", pa.string()),
         ("output", pa.string()),
+        ("messages", pa.string()),
         ("task_type", pa.int8()),
         ("task", pa.string()),
         ("source", pa.int32()),
@@ -69,75 +75,6 @@ def default_cache_root() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "loramoe_ds") / "data"
 
 
-def user_message(instruction: str, inp: str) -> str:
-    """The user turn: the instruction, then a blank line and the input if any."""
-    return f"{instruction}\n\n{inp}" if inp else instruction
-
-
-class PromptFormatter:
-    """Renders prompts (everything before the response) for one tokenizer.
-
-    With a chat template the template is rendered once around a sentinel and
-    split into a prefix and suffix, so formatting a million prompts is string
-    concatenation rather than a million Jinja renders; templates that depend on
-    the content fall back to rendering per record.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer.
-        cfg: Supplies ``template`` and ``system_prompt``.
-    """
-
-    _SENTINELS = ("\x00LORAMOE_A\x00", "\x00LORAMOE_BB\x00")
-
-    def __init__(self, tokenizer: Any, cfg: DataConfig) -> None:
-        has_chat = bool(getattr(tokenizer, "chat_template", None))
-        if cfg.template == "chat" and not has_chat:
-            raise ValueError("DataConfig.template='chat' but the tokenizer has no chat_template")
-        use_chat = cfg.template == "chat" or (cfg.template == "auto" and has_chat)
-        self.kind = "chat" if use_chat else "plain"
-        self.tokenizer = tokenizer
-        self.system_prompt = cfg.system_prompt
-        self._split: tuple[str, str] | None = None
-        if self.kind == "chat":
-            a, b = (self._render(s) for s in self._SENTINELS)
-            pa_, sa = a.split(self._SENTINELS[0]) if a.count(self._SENTINELS[0]) == 1 else ("", "")
-            if pa_ + self._SENTINELS[1] + sa == b:
-                self._split = (pa_, sa)
-
-    def _render(self, content: str) -> str:
-        messages = []
-        if self.system_prompt is not None:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-
-    def __call__(self, instruction: str, inp: str) -> str:
-        """Returns the prompt text for one record."""
-        if self.kind == "plain":
-            if inp:
-                return PLAIN_PROMPT_WITH_INPUT.format(instruction=instruction, input=inp)
-            return PLAIN_PROMPT.format(instruction=instruction)
-        content = user_message(instruction, inp)
-        if self._split is not None:
-            return self._split[0] + content + self._split[1]
-        return self._render(content)
-
-    def describe(self) -> str:
-        """A string identifying the rendered format (goes into the fingerprint)."""
-        if self.kind == "plain":
-            return "plain:" + PLAIN_PROMPT_WITH_INPUT
-        return "chat:" + self._render("{content}")
-
-
-def _eos_id(tokenizer: Any) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set one before building the dataset")
-    return int(eos)
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of the tokenizer's identity: class, vocabulary, special tokens, template."""
     h = hashlib.sha256()
@@ -150,20 +87,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def file_fingerprint(path: Path) -> str:
-    """Content hash of one file (blake2b, streamed: ~1 s per GB)."""
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def dataset_fingerprint(paths: Sequence[Path], tokenizer: Any, cfg: DataConfig) -> str:
+def dataset_fingerprint(paths: Sequence[Any], tokenizer: Any, cfg: DataConfig) -> str:
     """Cache key for a tokenised dataset; any input that changes the output is in it."""
+    sources = resolve_sources(paths, cfg)
     parts = {
         "version": FORMAT_VERSION,
-        "files": [[p.name, p.stat().st_size, file_fingerprint(p)] for p in paths],
+        "files": [s.fingerprint() for s in sources],
+        "loss_on": cfg.loss_on,
+        "chat_template": ChatEncoder(tokenizer).template,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": cfg.max_length,
         "template": PromptFormatter(tokenizer, cfg).describe(),
@@ -173,9 +104,7 @@ def dataset_fingerprint(paths: Sequence[Path], tokenizer: Any, cfg: DataConfig) 
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _write_records_arrow(
-    paths: Sequence[Path], cfg: DataConfig, stats: DataStats, out: Path
-) -> int:
+def _write_records_arrow(paths: Sequence[Any], cfg: DataConfig, stats: DataStats, out: Path) -> int:
     """Streams validated records into an Arrow IPC file (what ``datasets`` mmaps)."""
     n = 0
     cols: dict[str, list] = {name: [] for name in _ARROW_SCHEMA.names}
@@ -197,67 +126,6 @@ def _write_records_arrow(
     return n
 
 
-def _TOKENIZED_FEATURES() -> Any:
-    import datasets
-
-    return datasets.Features(
-        {
-            "task_type": datasets.Value("int8"),
-            "source": datasets.Value("int32"),
-            "line": datasets.Value("int64"),
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "prompt_len": datasets.Value("int32"),
-            "truncated": datasets.Value("bool"),
-            "bad": datasets.Value("string"),
-        }
-    )
-
-
-class _Tokenize:
-    """The batched ``Dataset.map`` function (a class so it pickles for num_proc>1)."""
-
-    def __init__(self, tokenizer: Any, cfg: DataConfig, paths: Sequence[Path]) -> None:
-        self.tokenizer = tokenizer
-        self.fmt = PromptFormatter(tokenizer, cfg)
-        self.max_length = cfg.max_length
-        self.skip_bad = cfg.skip_bad_records
-        self.eos = _eos_id(tokenizer)
-        bos = getattr(tokenizer, "bos_token_id", None)
-        self.prefix = [int(bos)] if (self.fmt.kind == "plain" and bos is not None) else []
-        self.paths = [str(p) for p in paths]
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        prompts = [self.fmt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
-        tok = self.tokenizer
-        p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-        r_ids = tok(batch["output"], add_special_tokens=False)["input_ids"]
-        out: dict[str, list] = {"input_ids": [], "prompt_len": [], "truncated": [], "bad": []}
-        for j, (p, r) in enumerate(zip(p_ids, r_ids)):
-            p = self.prefix + p
-            bad = ""
-            if len(p) >= self.max_length:
-                where = f"{self.paths[batch['source'][j]]}:{batch['line'][j]}"
-                msg = (
-                    f"{where}: field 'instruction'/'input': prompt is {len(p)} tokens, "
-                    f"max_length={self.max_length} leaves no room for the response"
-                )
-                if not self.skip_bad:
-                    raise DataError(msg)
-                bad = msg
-            ids = p + r + [self.eos]
-            truncated = len(ids) > self.max_length
-            if not r:
-                where = f"{self.paths[batch['source'][j]]}:{batch['line'][j]}"
-                bad = bad or f"{where}: field 'output' is empty after tokenisation"
-                if not self.skip_bad:
-                    raise DataError(bad)
-            out["input_ids"].append(ids[: self.max_length])
-            out["prompt_len"].append(len(p))
-            out["truncated"].append(truncated and not bad)
-            out["bad"].append(bad)
-        return out
-
-
 def _noop() -> None:
     return None
 
@@ -274,7 +142,7 @@ def _dist_defaults() -> tuple[bool, Callable[[], None]]:
 
 
 def load_tokenized(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    paths: str | os.PathLike[str] | Sequence[Any],
     tokenizer: Any,
     cfg: DataConfig | None = None,
     *,
@@ -290,7 +158,9 @@ def load_tokenized(
     shared filesystem pass ``is_main=(local_rank == 0)`` and a barrier.
 
     Args:
-        paths: One file or a list of files (JSONL, JSON, Parquet), concatenated.
+        paths: One dataset or a list (files: JSONL, JSON, Parquet; ``save_to_disk``
+            directories; Hub names), concatenated; with ``cfg.datasets`` one
+            path per dataset (:meth:`DataConfig.dataset_specs`).
         tokenizer: A Hugging Face tokenizer with an EOS token.
         cfg: Pipeline config; defaults to ``DataConfig()``.
         is_main: Whether this process builds the cache and logs.
@@ -308,12 +178,7 @@ def load_tokenized(
     import datasets
 
     cfg = cfg or DataConfig()
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [Path(p).resolve() for p in paths]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: file not found")
+    paths = resolve_sources(paths, cfg)
     d_main, d_barrier = _dist_defaults()
     is_main = d_main if is_main is None else is_main
     barrier = barrier or d_barrier
@@ -342,10 +207,11 @@ def load_tokenized(
     ds = datasets.load_from_disk(str(final / "dataset"))
     stats = DataStats.from_dict(json.loads((final / "stats.json").read_text()))
     stats.cache_hit = not built_here
+    plan_shares(stats, [p.spec.weight for p in paths])
     if is_main:
         logger.info(
             "data %s: %s%s",
-            ", ".join(p.name for p in paths),
+            ", ".join(Path(p.name).name for p in paths),
             stats.summary(),
             " (cached)" if stats.cache_hit else "",
         )
@@ -354,7 +220,21 @@ def load_tokenized(
     return ds, stats
 
 
-def _build(paths: list[Path], tokenizer: Any, cfg: DataConfig, final: Path) -> None:
+def plan_shares(stats: DataStats, weights: Sequence[float | None]) -> None:
+    """Sets each dataset's ``weight`` and planned ``share`` in ``stats.per_dataset``."""
+    from loramoe_ds.data.mix import quotas
+
+    sizes = [d["records"] for d in stats.per_dataset]
+    total = sum(sizes)
+    if all(w is not None for w in weights) and total:
+        draws = quotas(weights, total)  # type: ignore[arg-type]
+    else:
+        draws = sizes
+    for d, w, c in zip(stats.per_dataset, weights, draws):
+        d["weight"], d["share"] = w, c / max(total, 1)
+
+
+def _build(paths: list[Any], tokenizer: Any, cfg: DataConfig, final: Path) -> None:
     """Builds the cache directory ``final`` atomically (temp dir, then rename)."""
     import datasets
     import pyarrow.compute as pc
@@ -368,7 +248,7 @@ def _build(paths: list[Path], tokenizer: Any, cfg: DataConfig, final: Path) -> N
         n = _write_records_arrow(paths, cfg, stats, raw_path)
         if n == 0:
             raise DataError(
-                f"{', '.join(map(str, paths))}: no valid records "
+                f"{', '.join(p.name for p in paths)}: no valid records "
                 f"({stats.records_read} read, {stats.bad_records} bad)"
             )
         raw = datasets.Dataset.from_file(str(raw_path))
@@ -377,7 +257,7 @@ def _build(paths: list[Path], tokenizer: Any, cfg: DataConfig, final: Path) -> N
             batched=True,
             batch_size=1000,
             num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-            remove_columns=["instruction", "input", "output", "task"],
+            remove_columns=["instruction", "input", "output", "messages", "task"],
             features=_TOKENIZED_FEATURES(),
             cache_file_name=str(tmp / "tokenized.arrow"),
             new_fingerprint=final.name,
@@ -388,19 +268,42 @@ def _build(paths: list[Path], tokenizer: Any, cfg: DataConfig, final: Path) -> N
         n_bad = pc.sum(is_bad).as_py() or 0
         if n_bad:
             for msg in tok.filter(lambda b: b != "", input_columns="bad")["bad"]:
-                reason = "prompt too long" if "max_length" in msg else "empty output"
+                reason = (
+                    "prompt too long"
+                    if "max_length" in msg
+                    else "template not incremental"
+                    if "turn by turn" in msg
+                    else "empty output"
+                )
                 stats.record_bad(DataError(msg), reason)
             tok = tok.filter(lambda b: b == "", input_columns="bad", keep_in_memory=False)
+            tok = tok.flatten_indices(cache_file_name=str(tmp / "kept.arrow"))
         stats.truncated = pc.sum(tok.data.column("truncated")).as_py() or 0
         tok = tok.remove_columns(["bad", "truncated"])
         stats.records_kept = len(tok)
         lengths = pc.list_value_length(tok.data.column("input_ids"))
         stats.tokens = pc.sum(lengths).as_py() or 0
-        stats.label_tokens = stats.tokens - (pc.sum(tok.data.column("prompt_len")).as_py() or 0)
+        spans = pc.list_flatten(tok.data.column("label_spans")).to_numpy().reshape(-1, 2)
+        n_spans = pc.list_value_length(tok.data.column("label_spans")).to_numpy() // 2
+        span_rec = np.repeat(np.arange(len(tok)), n_spans)
+        src = tok.data.column("source").to_numpy()
+        n_lab = np.bincount(span_rec, spans[:, 1] - spans[:, 0], minlength=len(tok))
+        stats.label_tokens = int(n_lab.sum())
+        len_N = lengths.to_numpy()
+        stats.per_dataset = [
+            {
+                "name": Path(p.name).name if p.kind != "hub" else p.name,
+                "records": int((src == i).sum()),
+                "tokens": int(len_N[src == i].sum()),
+                "label_tokens": int(n_lab[src == i].sum()),
+            }
+            for i, p in enumerate(paths)
+        ]
         tok.save_to_disk(str(tmp / "dataset"))
         del tok, raw
         (tmp / "records.arrow").unlink()
         (tmp / "tokenized.arrow").unlink(missing_ok=True)
+        (tmp / "kept.arrow").unlink(missing_ok=True)
         for extra in tmp.glob("cache-*.arrow"):
             extra.unlink()
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))

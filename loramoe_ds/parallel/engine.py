@@ -1,5 +1,8 @@
 """DeepSpeed training of a LoRA-expert model: ZeRO base, expert-parallel banks, one step.
 
+Length: one class, :class:`MoETrainer`, whose private step parts share and check one
+phase of the step; they stay together in this file.
+
 Shape legend: E experts of a layer, L = E/P local experts, P = ep_size, W world
 size, R rank, D / O input / output width of an adapted linear.
 
@@ -10,7 +13,7 @@ The API the launcher calls::
     for micro_batches in steps:                 # this rank's GAS micro-batches of one step
         result = trainer.train_step(micro_batches)  # StepResult: outputs, N_step, lr, grad_norm
         trainer.global_step                     # optimizer steps taken
-    trainer.save(dir, client_state)             # collective, atomic (checkpoint.py)
+    trainer.save(dir, client_state)             # collective, atomic (parallel/checkpoint/)
     client_state = trainer.load(dir)            # collective; None when nothing to resume
     trainer.export_adapter(path)                # collective; rank 0 writes safetensors
 
@@ -34,10 +37,12 @@ What :meth:`MoETrainer.build` does, in order:
    every rank: routers and full expert banks are identical on all ranks (the
    routers become ZeRO parameters inside ``deepspeed.initialize``). An optional
    full adapter state (``init_state``) overwrites them.
-5. ``ep_size > 1``: each adapted linear's bank is cut to its local shard
-   (global experts ``[ep_rank*L, (ep_rank+1)*L)``), ``layer.experts = None`` and
-   an :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` owning the shard is
-   attached. The banks are therefore *not* engine parameters.
+5. :meth:`AdapterLayout.build <loramoe_ds.parallel.layout.AdapterLayout.build>`
+   records who owns each router and expert tensor; with ``ep_size > 1`` it cuts
+   each adapted linear's bank to its local shard (global experts
+   ``[ep_rank*L, (ep_rank+1)*L)``), sets ``layer.experts = None`` and attaches an
+   :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` owning the shard. The
+   banks are therefore *not* engine parameters.
    ``ep_size == 1`` ("replicated"): the banks stay in the model as ordinary
    trainable parameters that DeepSpeed/ZeRO manages like the routers (ZeRO-3
    partitions and gathers them; no all-to-all, no expert optimizer).
@@ -104,10 +109,12 @@ from loramoe_ds.config import AdapterConfig
 from loramoe_ds.model.experts import ExpertBank
 from loramoe_ds.model.inject import LoRAMoEModel, _num_layers, inject
 from loramoe_ds.parallel import checkpoint as ckpt
-from loramoe_ds.parallel.checkpoint import gather_adapter, load_full_state
-from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
+from loramoe_ds.parallel import zero_state
+from loramoe_ds.parallel.checkpoint import load_full_state
+from loramoe_ds.parallel.dispatch import CommStats
 from loramoe_ds.parallel.expert_optimizer import ExpertOptimizer
 from loramoe_ds.parallel.groups import ExpertGroups, create_expert_groups, validate_ep
+from loramoe_ds.parallel.layout import AdapterLayout
 from loramoe_ds.parallel.settings import OptimizerSettings
 from loramoe_ds.parallel.token_mean import (
     LOSS_REDUCTIONS,
@@ -177,39 +184,6 @@ def _count_layers(model_factory: Callable[[], nn.Module], num_layers: int | None
         ) from exc
 
 
-def shard_banks(model: LoRAMoEModel, groups: ExpertGroups, stats: CommStats) -> list[ExpertBank]:
-    """Replace each layer's full bank by an EP dispatcher that owns its local shard.
-
-    Rank with EP rank ``p`` keeps experts ``[p*L, (p+1)*L)``; ``layer.experts``
-    becomes ``None``, so the bank is not a parameter of the model.
-
-    Returns:
-        The local shard banks, in ``model.moe_layers()`` order.
-    """
-    banks = []
-    for layer in model.moe_layers():
-        full = layer.experts
-        assert full is not None, f"{layer.name}: bank already detached"
-        L = full.num_experts // groups.ep_size
-        lo = groups.ep_rank * L
-        shard = ExpertBank(L, full.in_features, full.out_features, full.rank)
-        with torch.no_grad():
-            shard.lora_A.copy_(full.lora_A[lo : lo + L].float())
-            shard.lora_B.copy_(full.lora_B[lo : lo + L].float())
-        layer.experts = None
-        layer.dispatcher = EPDispatcher(
-            shard,
-            full.num_experts,
-            groups.ep_group,
-            groups.ep_size,
-            groups.ep_rank,
-            capacity_factor=layer.capacity_factor,
-            stats=stats,
-        )
-        banks.append(shard)
-    return banks
-
-
 class MoETrainer:
     """DeepSpeed engine + expert-parallel banks + expert optimizer (see module docstring).
 
@@ -220,6 +194,7 @@ class MoETrainer:
         engine: The DeepSpeed engine (module = the :class:`LoRAMoEModel`).
         model: The :class:`LoRAMoEModel` (``engine.module``).
         groups: EP/EDP topology.
+        layout: Who owns each router and expert tensor (:mod:`~loramoe_ds.parallel.layout`).
         expert_optimizer: The :class:`ExpertOptimizer` of the local banks (EP
             mode) or ``None`` (replicated).
         optim: The optimizer settings (AdamW and the joint clip).
@@ -232,6 +207,7 @@ class MoETrainer:
         engine,
         model: LoRAMoEModel,
         groups: ExpertGroups,
+        layout: AdapterLayout,
         expert_optimizer: ExpertOptimizer | None,
         optim: OptimizerSettings,
         loss_reduction: str = "token_mean",
@@ -244,6 +220,7 @@ class MoETrainer:
         self.engine = engine
         self.model: LoRAMoEModel = model
         self.groups: ExpertGroups = groups
+        self.layout = layout
         self.expert_optimizer = expert_optimizer
         self.optim = optim
         self.comm = CommStats()
@@ -339,7 +316,7 @@ class MoETrainer:
 
             model.aux_gather = DPGather()  # the world group: every rank is data-parallel
         stats = CommStats()
-        banks = shard_banks(model, groups, stats) if ep_size > 1 else []
+        layout = AdapterLayout.build(model, groups, stats)  # EP: cuts the shards
 
         # Dropout differs per rank from here on; the adapter init above did not.
         rank = groups.rank
@@ -355,8 +332,9 @@ class MoETrainer:
         got_wd = engine.optimizer.param_groups[0]["weight_decay"]
         assert got_wd == optim.weight_decay, (got_wd, optim)
 
+        banks = layout.local_banks()
         expert_opt = ExpertOptimizer(banks, groups, optim, engine.device) if banks else None
-        return cls(engine, model, groups, expert_opt, optim, loss_reduction)
+        return cls(engine, model, groups, layout, expert_opt, optim, loss_reduction)
 
     # -- properties ------------------------------------------------------
     @property
@@ -375,7 +353,7 @@ class MoETrainer:
     @property
     def banks(self) -> list[ExpertBank]:
         """Local expert shards (EP mode), in ``model.moe_layers()`` order; empty when replicated."""
-        return self.expert_optimizer.banks if self.expert_optimizer is not None else []
+        return self.layout.local_banks()
 
     @property
     def lr(self) -> float:
@@ -387,7 +365,8 @@ class MoETrainer:
         return self.expert_optimizer.params() if self.expert_optimizer is not None else []
 
     def router_params(self) -> list[nn.Parameter]:
-        return [layer.router.weight for layer in self.model.moe_layers()]
+        """Every router weight (engine parameters)."""
+        return self.layout.router_params()
 
     # -- the step --------------------------------------------------------
     def train_step(
@@ -504,10 +483,7 @@ class MoETrainer:
         from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
         self._require(_Phase.SYNCED, "clipping the gradients")
-        own = [p for p in self.model.parameters() if p.requires_grad]
-        if self.expert_optimizer is not None:
-            own = self.router_params()
-        engine_grads = [(p, safe_get_full_grad(p)) for p in own]
+        engine_grads = [(p, safe_get_full_grad(p)) for p in self.layout.engine_params().values()]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for _, g in engine_grads:
             if g is not None:
@@ -573,9 +549,42 @@ class MoETrainer:
         def local(p):
             return (torch.zeros_like(p) if p.grad is None else p.grad).float().contiguous()
 
-        return gather_adapter(self.model, self.groups, full, local)
+        return self.layout.gather(full, local)
 
     # -- state -----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own state: optimizer-step counters, the LR and the LR schedule.
+
+        The adapter tensors and both optimizers' Adam state travel separately
+        (gathered full by :mod:`loramoe_ds.parallel.checkpoint`).
+        """
+        e = self.engine
+        sched = getattr(e, "lr_scheduler", None)
+        return {
+            "global_step": int(e.global_steps),
+            "global_samples": int(e.global_samples),
+            "skipped_steps": int(e.skipped_steps),
+            "lr": self.lr,
+            "lr_scheduler": sched.state_dict() if sched is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s counters, LR schedule and LR (both optimizers)."""
+        self._require(_Phase.IDLE, "loading the trainer state")
+        e = self.engine
+        e.global_steps = state["global_step"]
+        e.global_samples = state["global_samples"]
+        e.skipped_steps = state["skipped_steps"]
+        e.micro_steps = state["global_step"] * int(e.gradient_accumulation_steps())
+        if state["lr_scheduler"] is not None and getattr(e, "lr_scheduler", None) is not None:
+            e.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        opts = [zero_state.inner_optimizer(e)]
+        if self.expert_optimizer is not None:
+            opts.append(self.expert_optimizer.adamw)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = state["lr"]
+
     def full_adapter_state(self) -> dict[str, torch.Tensor]:
         """Every router and expert tensor, experts gathered over EP (collective).
 

@@ -3,7 +3,7 @@
 Shape legend: W world size, P = ``ep_size``, L local experts of a layer.
 
 In expert-parallel mode (P > 1) each rank holds the L local experts of every
-adapted linear (cut when the trainer is built); they are not
+adapted linear (:meth:`~loramoe_ds.parallel.layout.AdapterLayout.build`); they are not
 DeepSpeed parameters, so DeepSpeed neither reduces, clips nor steps them.
 :class:`ExpertOptimizer` does, once per optimizer step, in this order:
 

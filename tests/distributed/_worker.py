@@ -18,15 +18,15 @@ from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
 def hang_in_next_save(marker: str) -> None:
     """Make the next checkpoint save hang once every file is in its temporary directory.
 
-    Wraps ``checkpoint.atomic_dir``: after the body has written everything and before
+    Wraps ``checkpoint.store.atomic_dir``: after the body has written everything and before
     the rename, rank 0 creates ``marker`` and sleeps until the test SIGKILLs the job.
     """
     import contextlib
     import time
 
-    from loramoe_ds.parallel import checkpoint
+    from loramoe_ds.parallel.checkpoint import store
 
-    real = checkpoint.atomic_dir
+    real = store.atomic_dir
 
     @contextlib.contextmanager
     def hanging(path):
@@ -36,7 +36,7 @@ def hang_in_next_save(marker: str) -> None:
             while True:
                 time.sleep(1)
 
-    checkpoint.atomic_dir = hanging
+    store.atomic_dir = hanging
 
 
 def base_state(trainer) -> dict[str, torch.Tensor]:
