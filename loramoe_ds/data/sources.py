@@ -85,7 +85,7 @@ class Source:
     def rows(self) -> Iterator[tuple[int, Any]]:
         """``(line_or_record_number, raw_record)`` in order (bad lines as error objects)."""
         if self.kind == "file":
-            from loramoe_ds.data.records import _iter_raw
+            from loramoe_ds.data.raw import _iter_raw
 
             yield from _iter_raw(Path(self.location))
             return
@@ -104,7 +104,7 @@ class Source:
 
 
 def _data_error(msg: str) -> Exception:
-    from loramoe_ds.data.records import DataError
+    from loramoe_ds.data.raw import DataError
 
     return DataError(msg)
 

@@ -51,9 +51,7 @@ def reference(base, case, world):
     from loramoe_ds.model.inject import inject
 
     extra = case.get("extra", {})
-    cfg = dataclasses.replace(
-        C.adapter_cfg(case["router"], **extra), aux_loss_scope="global_batch"
-    )
+    cfg = dataclasses.replace(C.adapter_cfg(case["router"], **extra), aux_loss_scope="global_batch")
     model = inject(C.model_factory(), cfg)
     model.base.load_state_dict(base, strict=False)
     adapter = dict(model.adapter_named_parameters())
