@@ -45,7 +45,12 @@ class Plan:
     def optim(self) -> OptimizerSettings:
         """AdamW settings and joint clip of routers and experts (``train.*``)."""
         t = self.run.train
-        return OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+        return OptimizerSettings(
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            router_lr_scale=t.router_lr_scale,
+        )
 
     @property
     def lr_schedule(self) -> LRSchedule:

@@ -91,7 +91,12 @@ class TrainSection:
     """Optimizer steps."""
 
     lr: float = 2e-4
-    """Peak learning rate (routers and experts)."""
+    """Peak learning rate of the experts (and of the routers, times ``router_lr_scale``)."""
+
+    router_lr_scale: float = 1.0
+    """The routers' peak LR is ``router_lr_scale * lr`` (same schedule). A router
+    is one ``E x d`` matrix per adapted linear that must move its logits by O(1)
+    within a short run; 10 lets router supervision act within the demo's 40 steps."""
 
     warmup_steps: int = 4
     """Linear warm-up steps, then cosine decay to ``min_lr_ratio * lr``."""
@@ -137,6 +142,8 @@ class TrainSection:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"train.lr={self.lr}: must be > 0")
+        if not self.router_lr_scale > 0:
+            raise ValueError(f"train.router_lr_scale={self.router_lr_scale}: must be > 0")
         for name in ("warmup_steps", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 0")

@@ -65,7 +65,8 @@ EDP, divided by W); joint clipping, ``|g|^2 = |g_router|^2 + sum_EP
 DP-averaged), ``c = max_norm / (|g| + 1e-6)``, and when ``c < 1`` routers
 (``safe_set_full_grad``) and experts are multiplied by ``c`` -- the formula of
 ``torch.nn.utils.clip_grad_norm_`` and of DeepSpeed; the expert AdamW steps at
-``lr = engine.get_lr()[0]`` (the LR the engine is about to use); then
+the experts' LR the engine is about to use (``engine.get_lr()[0]``, the routers'
+group, divided by ``train.router_lr_scale``); then
 ``engine.step()`` steps the routers and the schedule. In replicated mode
 DeepSpeed does all of this itself (its clipping then sees every trainable
 parameter).
@@ -324,8 +325,10 @@ class MoETrainer:
         random.seed(seed + 1000 + rank)
         np.random.seed((seed + 1000 + rank) % 2**32)
 
-        engine_params = [p for p in model.parameters() if p.requires_grad]
-        client_opt = torch.optim.AdamW(engine_params, **optim.adamw_kwargs())
+        routers = layout.router_params()
+        router_ids = {id(p) for p in routers}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
+        client_opt = torch.optim.AdamW(optim.param_groups(routers, others), **optim.adamw_kwargs())
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=client_opt, lr_scheduler=lr_schedule, config=cfg
         )
@@ -357,8 +360,11 @@ class MoETrainer:
 
     @property
     def lr(self) -> float:
-        """The LR of the next update (``engine.get_lr()[0]``)."""
-        return float(self.engine.get_lr()[0])
+        """The experts' LR of the next update (the routers': ``router_lr_scale`` times it).
+
+        ``engine.get_lr()[0]`` is the routers' group (:meth:`OptimizerSettings.param_groups`).
+        """
+        return float(self.engine.get_lr()[0]) / self.optim.router_lr_scale
 
     def expert_params(self) -> list[nn.Parameter]:
         """Local expert shard parameters (EP mode; empty when replicated)."""
@@ -504,7 +510,7 @@ class MoETrainer:
     def _optimizer_step(self) -> float | None:
         """Clip and step everything at the accumulation boundary, after the synchronisation.
 
-        EP mode: :meth:`_clip_joint`, expert AdamW at ``engine.get_lr()[0]``, then
+        EP mode: :meth:`_clip_joint`, expert AdamW at :attr:`lr`, then
         ``engine.step()`` (routers + LR schedule). Replicated mode:
         ``engine.step()`` (DeepSpeed clips and steps all parameters).
 
@@ -578,11 +584,11 @@ class MoETrainer:
         e.micro_steps = state["global_step"] * int(e.gradient_accumulation_steps())
         if state["lr_scheduler"] is not None and getattr(e, "lr_scheduler", None) is not None:
             e.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        opts = [zero_state.inner_optimizer(e)]
+        # The engine's group 0 holds the routers, at router_lr_scale times the experts' LR.
+        for i, group in enumerate(zero_state.inner_optimizer(e).param_groups):
+            group["lr"] = state["lr"] * (self.optim.router_lr_scale if i == 0 else 1.0)
         if self.expert_optimizer is not None:
-            opts.append(self.expert_optimizer.adamw)
-        for opt in opts:
-            for group in opt.param_groups:
+            for group in self.expert_optimizer.adamw.param_groups:
                 group["lr"] = state["lr"]
 
     def full_adapter_state(self) -> dict[str, torch.Tensor]:

@@ -57,13 +57,14 @@ def ds_config(world: int, stage: int, gas: int = 1):
     }
 
 
-def optim(clip: float = 0.0):
+def optim(clip: float = 0.0, router_lr_scale: float = 1.0):
     """The tests' AdamW settings and joint clip (``clip`` 0: off)."""
     from loramoe_ds.parallel.settings import OptimizerSettings
 
     return OptimizerSettings(
-        lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, grad_clip=clip
-    )
+        lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, grad_clip=clip,
+        router_lr_scale=router_lr_scale,
+    )  # fmt: skip
 
 
 def warmup_lr(sched: bool = True):

@@ -83,7 +83,8 @@ def equivalence(args, out: Path):
         trainer = MoETrainer.build(
             C.model_factory, C.adapter_cfg(case["router"]),
             C.ds_config(world, case["stage"], case["gas"]), case["ep"], seed=0,
-            optim=C.optim(case["clip"]), lr_schedule=C.warmup_lr(case.get("sched", False)),
+            optim=C.optim(case["clip"], case.get("rls", 1.0)),
+            lr_schedule=C.warmup_lr(case.get("sched", False)),
             init_state=C.init_state(case["router"]), loss_reduction="micro_batch_mean",
         )  # fmt: skip
         rank = dist.get_rank()
