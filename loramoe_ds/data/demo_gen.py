@@ -13,6 +13,13 @@ randomness seeded):
   programmatic tasks (task_type 0): sentiment, name extraction, number
   extraction, uppercase, list reversal, JSON formatting, arithmetic.
 
+The knowledge records of the SFT mix answer in the base model's own words:
+their ``output`` is the shortest run of whole sentences of the base's greedy
+answer that contains the gold answer (:func:`own_words`), e.g. "The capital of
+Peru is Lima." -- replaying the base's behaviour on knowledge inputs instead of
+teaching a one-word format, which a 135M model answers worse (docs/results.md).
+The eval files keep the short gold answers (scored by tolerant match).
+
 ``train.jsonl`` is the shuffled SFT mix of both, each knowledge record
 repeated ``--knowledge-repeat`` times (default 8: 592 of 4,092 records, 14%;
 LoRAMoE's own mix holds much world-knowledge QA, and a router can only learn to
@@ -457,6 +464,20 @@ def answer_matches(generation: str, answer: str, aliases: list[str]) -> bool:
     return False
 
 
+def own_words(generation: str, answer: str, aliases: list[str]) -> str | None:
+    """The shortest prefix of whole sentences of ``generation`` that contains the answer.
+
+    Sentences end at ``.``, ``!`` or ``?`` followed by a space or the end; ``None``
+    when no complete-sentence prefix contains the answer or an alias.
+    """
+    text = " ".join(generation.split())
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    for end in ends:
+        if answer_matches(text[:end], answer, aliases):
+            return text[:end]
+    return None
+
+
 def verify_with_model(
     records: list[dict[str, Any]],
     model_dir: Path,
@@ -771,6 +792,7 @@ def main(argv: list[str] | None = None) -> None:
     cands = knowledge_candidates()
     gens = verify_with_model(cands, model_dir)
     known = [r for r, g in zip(cands, gens) if answer_matches(g, r["output"], r["aliases"])]
+    said = {id(r): own_words(g, r["output"], r["aliases"]) for r, g in zip(cands, gens)}
     logger.info("base model answers %d/%d candidate facts correctly", len(known), len(cands))
     for r, g in zip(cands, gens):
         if r not in known:
@@ -781,15 +803,20 @@ def main(argv: list[str] | None = None) -> None:
     k_train, k_eval = known[:n_k_train], known[n_k_train:]
 
     d_train, d_eval = downstream_records(args.train_per_task, args.eval_per_task)
-    train = d_train + args.knowledge_repeat * [
-        {k: v for k, v in r.items() if k not in ("aliases", "distractors")} for r in k_train
-    ]
+    # Knowledge records train on the base's own sentence (the gold answer when the
+    # answer was not inside a complete sentence); the eval keeps the short gold.
+    k_replay = [
+        {**{k: v for k, v in r.items() if k not in ("aliases", "distractors")},
+         "output": said[id(r)] or r["output"]}
+        for r in k_train
+    ]  # fmt: skip
+    train = d_train + args.knowledge_repeat * k_replay
     rng.shuffle(train)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(args.out / "train.jsonl", train)
     _write_jsonl(args.out / "eval_downstream.jsonl", interleave_by_task(d_eval))
     _write_jsonl(args.out / "eval_knowledge.jsonl", k_eval)
-    _write_jsonl(args.out / "knowledge_train.jsonl", k_train)
+    _write_jsonl(args.out / "knowledge_train.jsonl", k_replay)
 
 
 if __name__ == "__main__":
