@@ -283,6 +283,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--delta", type=float, default=0.1, help="LBC delta")
     ap.add_argument("--beta", type=float, default=0.1, help="LBC beta")
     ap.add_argument("--sup", type=float, default=1.0, help="router supervision coefficient")
+    ap.add_argument("--router-lr-mult", type=float, default=1.0, help="router LR / adapter LR")
     ap.add_argument("--eval-per-task", type=int, default=50)
     ap.add_argument("--cache-root", default=None, help="pretrained-world cache (~/.cache/...)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny world and model")
@@ -367,6 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {run_key(name, size, seed)}: {len(recs)} records, {steps} steps", flush=True)
         t1 = time.perf_counter()
         model, params = fwt.build(method, base, seed)
+        if method.kind == "moe" and args.router_lr_mult != 1.0:
+            named = model.adapter_named_parameters()
+            routers = [p for n, p in named if n.endswith("router.weight")]
+            ids = {id(p) for p in routers}
+            params = [
+                {"params": [p for p in params if id(p) not in ids], "lr": lr},
+                {"params": routers, "lr": lr * args.router_lr_mult},
+            ]
         model.to(args.device)
         info = fwt.train(method, model, params, recs, steps, lr, seed, args.batch_size, args.device)
         result = {

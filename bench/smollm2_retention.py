@@ -97,7 +97,16 @@ def train(method: str, model: Any, params: list, run: Any, tok: Any, seed: int) 
     loader = build_dataloader(
         files, tok, data_cfg, batch_size=global_batch, global_batch=global_batch
     )
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    groups: list = params
+    scale = getattr(t, "router_lr_scale", 1.0)
+    if method != "lora" and scale != 1.0:
+        routers = [p for n, p in model.adapter_named_parameters() if n.endswith("router.weight")]
+        ids = {id(p) for p in routers}
+        groups = [
+            {"params": [p for p in params if id(p) not in ids], "lr": t.lr},
+            {"params": routers, "lr": t.lr * scale},
+        ]
+    opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_ratio(s + 1, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     )
@@ -139,7 +148,7 @@ def one_run(method: str, seed: int, base: Any, tok: Any, args: argparse.Namespac
     from loramoe_ds.eval import evaluate_all
     from loramoe_ds.run_config import load_run_config
 
-    run = load_run_config(CONFIGS.get(method, CONFIGS["loramoe_null_sup"]))
+    run = load_run_config(CONFIGS.get(method, CONFIGS["loramoe_null_sup"]), args.set)
     torch.manual_seed(seed)
     info: dict[str, Any] = {"method": method, "label": LABELS[method], "seed": seed}
     model = base
@@ -154,6 +163,10 @@ def one_run(method: str, seed: int, base: Any, tok: Any, args: argparse.Namespac
     info["knowledge_ll"] = k["loglik"]["accuracy"]
     info["downstream"] = d["macro_accuracy"]
     info["n"] = {"knowledge": k["n"], "downstream": d["n"]}
+    info["knowledge_predictions"] = [
+        {key: p.get(key) for key in ("instruction", "gold", "generation", "gen_correct")}
+        for p in k["predictions"]
+    ]
     u = res.get("utilisation")
     if u:
         info["share"] = u["knowledge_share"]
@@ -231,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N of each eval set")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="run-config overrides, e.g. adapter.null_experts=4"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     methods = args.methods.split(",")
