@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     # "checkpoint at the next step boundary and exit 75", never a silent death.
     handler = PreemptionHandler().install()
     from loramoe_ds.launch.dist_env import setup_dist_env
-    from loramoe_ds.run import make_plan, train
+    from loramoe_ds.plan import make_plan
+    from loramoe_ds.run import train
     from loramoe_ds.run_config import load_ds_config, load_run_config
 
     env = None

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loramoe_ds.base_model import resolve_model_dir
 from loramoe_ds.data.collate import pad_id_for
 from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.tokenize import PromptFormatter
@@ -293,22 +294,6 @@ def answer_logliks(
 
 
 # -- loading ---------------------------------------------------------------
-
-
-def resolve_model_dir(name: str | os.PathLike[str]) -> Path:
-    """``"smollm2"`` -> the cached converted SmolLM2 directory; else the path itself.
-
-    Raises:
-        ValueError: If a path is given that is not a directory.
-    """
-    if str(name) == "smollm2":
-        from loramoe_ds.smollm2 import ensure_smollm2
-
-        return ensure_smollm2()
-    path = Path(name)
-    if not path.is_dir():
-        raise ValueError(f"--model {name!r} is neither 'smollm2' nor a model directory")
-    return path
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -72,8 +72,16 @@ def _layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _num_layers(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
+def num_decoder_layers(model_or_config) -> int:
+    """Decoder layers of a transformers model or config (the one way the count is found).
+
+    Reads ``num_hidden_layers``, ``n_layer`` or ``num_layers`` of the config (a
+    model's ``.config``), else of its ``text_config``.
+
+    Raises:
+        ValueError: The config names no layer count.
+    """
+    cfg = getattr(model_or_config, "config", model_or_config)
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         n = getattr(cfg, attr, None)
         if isinstance(n, int):
@@ -140,7 +148,7 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> LoRAMoEModel:
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    counts = cfg.layer_experts(_num_layers(model))
+    counts = cfg.layer_experts(num_decoder_layers(model))
     targets = _find_targets(model, cfg.target_modules)
     for name, linear in targets:
         idx = _layer_index(name)

@@ -94,12 +94,12 @@ def test_adapter_loads_without_deepspeed(reference_run):
     code = f"""
 import sys, json, torch
 from loramoe_ds.run_config import load_run_config
-from loramoe_ds.run import _hf_config, _from_config
+from loramoe_ds.base_model import hf_config, from_config
 from loramoe_ds import load_adapter
 run = load_run_config({CONFIG!r})
-cfg, _ = _hf_config(run)
+cfg, _ = hf_config(run)
 torch.manual_seed(run.train.seed)
-base = _from_config(cfg)
+base = from_config(cfg)
 m = load_adapter(base, {str(reference_run / "adapter")!r})
 n = sum(p.abs().sum().item() for n_, p in m.adapter_named_parameters() if "lora_B" in n_)
 assert n > 0, "experts were not trained"

@@ -80,7 +80,7 @@ def test_deepspeed_builds_it_from_the_plan_settings():
 
 
 def test_make_plan_uses_it():
-    from loramoe_ds.run import make_plan
+    from loramoe_ds.plan import make_plan
     from loramoe_ds.run_config import load_run_config
 
     run = load_run_config(None, ["model.name=tiny-llama", "train.warmup_steps=4", "train.lr=1e-3"])
