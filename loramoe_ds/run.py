@@ -109,8 +109,8 @@ def train(
 
     The loop is small on purpose: :class:`~loramoe_ds.parallel.engine.MoETrainer`
     trains one optimizer step from the step's GAS micro-batches
-    (:func:`~loramoe_ds.train_loop.steps.optimizer_steps`),
-    :class:`~loramoe_ds.train_loop.metrics.MetricsAccumulator` turns it into one
+    (:func:`~loramoe_ds.train_loop.step_batches.step_batches`),
+    :class:`~loramoe_ds.train_loop.step_metrics.MetricsAccumulator` turns it into one
     row, :class:`~loramoe_ds.train_loop.policy.CheckpointPolicy` decides to save,
     prune and stop.
 
@@ -133,12 +133,12 @@ def train(
 
     from loramoe_ds.data import build_dataloader
     from loramoe_ds.launch.preempt import PreemptionHandler
-    from loramoe_ds.metrics import MetricsLogger
     from loramoe_ds.parallel.checkpoint import latest_tag
     from loramoe_ds.parallel.engine import MoETrainer
-    from loramoe_ds.train_loop.metrics import MetricsAccumulator, csv_fields
+    from loramoe_ds.train_loop.logger import MetricsLogger
     from loramoe_ds.train_loop.policy import CheckpointPolicy
-    from loramoe_ds.train_loop.steps import optimizer_steps
+    from loramoe_ds.train_loop.step_batches import step_batches
+    from loramoe_ds.train_loop.step_metrics import MetricsAccumulator, csv_fields
 
     run = plan.run
     out = Path(run.output.dir)
@@ -199,7 +199,7 @@ def train(
     preempted = False
     try:
         done_this_run = 0
-        steps = optimizer_steps(loader, run.train.grad_accum)
+        steps = step_batches(loader, run.train.grad_accum)
         while trainer.global_step < policy.max_steps:
             last = acc.step(trainer.train_step(next(steps)))
             step = trainer.global_step

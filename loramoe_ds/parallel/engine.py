@@ -383,7 +383,7 @@ class MoETrainer:
 
         Returns:
             A :class:`StepResult` (reduce it over ranks with
-            :mod:`loramoe_ds.train_loop.metrics`).
+            :mod:`loramoe_ds.train_loop.step_metrics`).
 
         Raises:
             ValueError: If the number of micro-batches is not the engine's GAS.

@@ -145,7 +145,7 @@ def token_mean(args, out: Path):
     """One optimizer step per case from uneven micro-batches: N_step, reduced row, grads."""
     import torch.distributed as dist
 
-    from loramoe_ds.train_loop.metrics import reduce_step
+    from loramoe_ds.train_loop.step_metrics import reduce_step
 
     results = {}
     world = int(os.environ["WORLD_SIZE"])
