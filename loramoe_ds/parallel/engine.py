@@ -109,11 +109,12 @@ from torch import nn
 
 from loramoe_ds.base_model import enable_activation_checkpointing, factory_num_layers
 from loramoe_ds.config import AdapterConfig
+from loramoe_ds.model.adapter_io import copy_adapter_state
 from loramoe_ds.model.experts import ExpertBank
-from loramoe_ds.model.inject import LoRAMoEModel, inject
+from loramoe_ds.model.inject import inject
+from loramoe_ds.model.lm import LoRAMoEModel
 from loramoe_ds.parallel import checkpoint as ckpt
 from loramoe_ds.parallel import zero_state
-from loramoe_ds.parallel.checkpoint import load_full_state
 from loramoe_ds.parallel.dispatch import CommStats
 from loramoe_ds.parallel.expert_optimizer import ExpertOptimizer
 from loramoe_ds.parallel.groups import (
@@ -301,7 +302,7 @@ class MoETrainer:
         torch.manual_seed(seed)
         model = inject(base, adapter_cfg)
         if init_state is not None:
-            load_full_state(model, init_state)
+            copy_adapter_state(model, init_state, "init_state")
         if getattr(adapter_cfg, "aux_loss_scope", "micro_batch") == "global_batch":
             from loramoe_ds.parallel.aux_scope import DPGather
 

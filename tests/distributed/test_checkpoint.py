@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from loramoe_ds.model.inject import load_adapter  # noqa: E402
+from loramoe_ds.model.adapter_io import load_adapter  # noqa: E402
 from loramoe_ds.parallel.checkpoint import META, OPTIMIZER, TRAINER_STATE, latest_tag  # noqa: E402
 
 pytestmark = pytest.mark.distributed

@@ -193,7 +193,7 @@ def test_zero3_partitions_base(run):
 def test_export_loads_without_deepspeed(run):
     """The gathered adapter export loads with load_adapter onto the plain base model."""
     world, results, out = run
-    from loramoe_ds.model.inject import load_adapter
+    from loramoe_ds.model.adapter_io import load_adapter
 
     cases = [c for c in CASES[world] if c.get("export")]
     assert cases
