@@ -41,9 +41,9 @@ def child(args) -> dict:
     import torch
 
     from loramoe_ds.base_model import model_factory
+    from loramoe_ds.config import load_run_config
     from loramoe_ds.parallel.engine import MoETrainer
     from loramoe_ds.plan import make_plan
-    from loramoe_ds.run_config import load_run_config
 
     run = load_run_config(
         ROOT / "configs" / "smollm2_demo.yaml",

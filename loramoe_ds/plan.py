@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from loramoe_ds.base_model import from_config, hf_config
+from loramoe_ds.config import RunConfig, resolve_ds_config
 from loramoe_ds.lr_schedule import LRSchedule, lr_ratio
 from loramoe_ds.model.inject import num_decoder_layers
 from loramoe_ds.parallel.settings import OptimizerSettings
-from loramoe_ds.run_config import RunConfig, resolve_ds_config
 
 
 @dataclass

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from loramoe_ds.base_model import load_tokenizer, model_factory
+from loramoe_ds.config import RunConfig
 from loramoe_ds.parallel.groups import init_process_group
 from loramoe_ds.plan import Plan, checkpoint_source
-from loramoe_ds.run_config import RunConfig
 
 
 def _train_files(run: RunConfig) -> list[str]:

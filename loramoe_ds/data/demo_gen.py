@@ -467,7 +467,7 @@ def verify_with_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loramoe_ds.data.config import DataConfig
+    from loramoe_ds.config import DataConfig
     from loramoe_ds.data.tokenize import PromptFormatter
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from loramoe_ds.base_model import resolve_model_dir
+from loramoe_ds.config import DataConfig
 from loramoe_ds.data.collate import pad_id_for
-from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.tokenize import PromptFormatter
 from loramoe_ds.model.adapter_io import ADAPTER_CONFIG, load_adapter
 from loramoe_ds.model.lm import LoRAMoEModel

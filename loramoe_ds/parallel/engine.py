@@ -108,7 +108,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loramoe_ds.base_model import enable_activation_checkpointing, factory_num_layers
-from loramoe_ds.config import AdapterConfig
+from loramoe_ds.config import LOSS_REDUCTIONS, AdapterConfig, check_choice
 from loramoe_ds.model.adapter_io import copy_adapter_state
 from loramoe_ds.model.experts import ExpertBank
 from loramoe_ds.model.inject import inject
@@ -126,7 +126,6 @@ from loramoe_ds.parallel.groups import (
 from loramoe_ds.parallel.layout import AdapterLayout
 from loramoe_ds.parallel.settings import OptimizerSettings
 from loramoe_ds.parallel.token_mean import (
-    LOSS_REDUCTIONS,
     count_label_tokens,
     micro_batch_divisor,
     step_label_tokens,
@@ -204,10 +203,6 @@ class MoETrainer:
         optim: OptimizerSettings,
         loss_reduction: str = "token_mean",
     ):
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction={loss_reduction!r}: valid values {list(LOSS_REDUCTIONS)}"
-            )
         self.loss_reduction = loss_reduction
         self.engine = engine
         self.model: LoRAMoEModel = model
@@ -272,10 +267,7 @@ class MoETrainer:
                 f"ds_config: remove {given}: the optimizer, LR schedule and gradient clip "
                 "are passed as optim= / lr_schedule= (train.* in the run config)"
             )
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction={loss_reduction!r}: valid values {list(LOSS_REDUCTIONS)}"
-            )
+        check_choice("train.loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         n_layers = factory_num_layers(model_factory, num_layers)
         counts = adapter_cfg.layer_experts(n_layers)
         validate_ep(ep_size, _world_size_from_env(), counts)

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from loramoe_ds.base_model import model_factory  # noqa: E402
+from loramoe_ds.config import load_run_config  # noqa: E402
 from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
 from loramoe_ds.plan import make_plan  # noqa: E402
-from loramoe_ds.run_config import load_run_config  # noqa: E402
 
 
 def main(out: Path, overrides: list[str]) -> None:

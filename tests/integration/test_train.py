@@ -93,7 +93,7 @@ def test_adapter_loads_without_deepspeed(reference_run):
     """The exported adapter reproduces itself on a fresh tiny base in a plain process."""
     code = f"""
 import sys, json, torch
-from loramoe_ds.run_config import load_run_config
+from loramoe_ds.config import load_run_config
 from loramoe_ds.base_model import hf_config, from_config
 from loramoe_ds import load_adapter
 run = load_run_config({CONFIG!r})
@@ -297,7 +297,7 @@ def test_packed_checkpointed_token_mean_run(tmp_path):
 
 def test_packed_smollm2_config_plans_for_two_ranks():
     """configs/smollm2_packed.yaml: packing, activation checkpointing, token mean; EP 2 on 2."""
-    from loramoe_ds.run_config import load_run_config
+    from loramoe_ds.config import load_run_config
 
     run = load_run_config(ROOT / "configs" / "smollm2_packed.yaml")
     assert run.data.packing and run.train.activation_checkpointing

@@ -254,7 +254,7 @@ def test_config_validation() -> None:
 
 def test_run_config_data_section_is_data_config() -> None:
     """One type, one name per field: the run's ``data:`` section is the pipeline's DataConfig."""
-    from loramoe_ds.run_config import RunConfig
+    from loramoe_ds.config import RunConfig
 
     run = RunConfig.from_dict({"data": {"max_length": 64, "packing": True, "template": "plain"}})
     assert type(run.data) is DataConfig
