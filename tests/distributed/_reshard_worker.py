@@ -16,18 +16,16 @@ import os
 import sys
 from pathlib import Path
 
+import _common as C
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-from loramoe_ds.data.collate import Collator  # noqa: E402
-from loramoe_ds.data.loader import StatefulLoader  # noqa: E402
-from loramoe_ds.data.sampler import ResumableDistributedSampler  # noqa: E402
-from loramoe_ds.lr_schedule import LRSchedule  # noqa: E402
-from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
-from loramoe_ds.train_loop.step_batches import step_batches  # noqa: E402
-from loramoe_ds.train_loop.step_metrics import reduce_step  # noqa: E402
+from loramoe_ds.data.collate import Collator
+from loramoe_ds.data.loader import StatefulLoader
+from loramoe_ds.data.sampler import ResumableDistributedSampler
+from loramoe_ds.lr_schedule import LRSchedule
+from loramoe_ds.parallel.engine import MoETrainer
+from loramoe_ds.train_loop.step_batches import step_batches
+from loramoe_ds.train_loop.step_metrics import reduce_step
 
 GLOBAL_BATCH = 8
 RECORDS = 28  # 3 whole steps per epoch (4 records dropped): the runs cross an epoch

@@ -7,12 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+import _common as C
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
+from loramoe_ds.parallel.engine import MoETrainer
 
 
 def hang_in_next_save(marker: str) -> None:

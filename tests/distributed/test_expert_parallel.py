@@ -10,14 +10,9 @@ reference computes every ``loss(r, m)`` on its own micro-batch and averages them
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _common as C
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tok import tiny_tokenizer
 
 from loramoe_ds.data import (
     IGNORE_INDEX,
@@ -18,6 +17,7 @@ from loramoe_ds.data import (
     load_tokenized,
 )
 from loramoe_ds.data import tokenize as tokenize_mod
+from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
 RECORDS = [
     {"instruction": "What is the capital of France?", "output": "Paris", "task_type": 1},

@@ -150,7 +150,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tok():
-    from _tok import tiny_tokenizer
+    from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
     return tiny_tokenizer(chat=True)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tok import tiny_tokenizer
 
 from loramoe_ds import AdapterConfig, inject, save_adapter
 from loramoe_ds.data import DataConfig
@@ -27,6 +26,7 @@ from loramoe_ds.eval import (
 )
 from loramoe_ds.model.losses import knowledge_group
 from loramoe_ds.tiny import tiny_model
+from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
