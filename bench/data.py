@@ -61,15 +61,15 @@ def _tokenizer(kind: str):
         from loramoe_ds.smollm2 import ensure_smollm2
 
         return AutoTokenizer.from_pretrained(ensure_smollm2())
-    sys.path.insert(0, str(REPO / "tests" / "unit"))
-    from _tok import tiny_tokenizer
+    from loramoe_ds.tiny import tiny_sp_tokenizer
 
-    return tiny_tokenizer()
+    return tiny_sp_tokenizer()
 
 
 def generate(path: Path, n: int) -> float:
     """Writes ``n`` records; returns seconds taken."""
-    from loramoe_ds.data.demo_gen import TASKS
+    sys.path.insert(0, str(REPO))  # tools/ is not part of the package
+    from tools.demo_gen import TASKS
 
     t0 = time.perf_counter()
     rng = random.Random(0)

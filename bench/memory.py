@@ -40,9 +40,10 @@ def _status_kib(field: str) -> int:
 def child(args) -> dict:
     import torch
 
+    from loramoe_ds.base_model import model_factory
+    from loramoe_ds.config import load_run_config
     from loramoe_ds.parallel.engine import MoETrainer
-    from loramoe_ds.run import make_plan, model_factory
-    from loramoe_ds.run_config import load_run_config
+    from loramoe_ds.plan import make_plan
 
     run = load_run_config(
         ROOT / "configs" / "smollm2_demo.yaml",

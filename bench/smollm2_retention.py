@@ -145,8 +145,8 @@ def train(method: str, model: Any, params: list, run: Any, tok: Any, seed: int) 
 def one_run(method: str, seed: int, base: Any, tok: Any, args: argparse.Namespace) -> dict:
     import torch
 
+    from loramoe_ds.config import load_run_config
     from loramoe_ds.eval import evaluate_all
-    from loramoe_ds.run_config import load_run_config
 
     run = load_run_config(CONFIGS.get(method, CONFIGS["loramoe_null_sup"]), args.set)
     torch.manual_seed(seed)

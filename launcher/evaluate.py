@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="'smollm2' or a Hugging Face model directory")
-    ap.add_argument("--adapter", help="adapter directory (LoRAMoEModel.save_adapter)")
+    ap.add_argument("--adapter", help="adapter directory (loramoe_ds.save_adapter)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     ap.add_argument("--knowledge", help="knowledge JSONL (default: shipped eval set)")
     ap.add_argument("--downstream", help="downstream JSONL (default: shipped eval set)")

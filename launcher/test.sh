@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 bash launcher/setup.sh
 . .venv/bin/activate
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ruff check loramoe_ds launcher tests bench
-ruff format --check loramoe_ds launcher tests bench
+ruff check loramoe_ds launcher tests bench tools
+ruff format --check loramoe_ds launcher tests bench tools
 set +e
 python -m pytest -m "not gpu" -q -p no:cacheprovider "$@"
 rc=$?

@@ -86,9 +86,10 @@ def main(argv=None) -> int:
     # First, before the heavy imports: a SIGUSR1/SIGTERM from here on means
     # "checkpoint at the next step boundary and exit 75", never a silent death.
     handler = PreemptionHandler().install()
+    from loramoe_ds.config import load_ds_config, load_run_config
     from loramoe_ds.launch.dist_env import setup_dist_env
-    from loramoe_ds.run import make_plan, train
-    from loramoe_ds.run_config import load_ds_config, load_run_config
+    from loramoe_ds.plan import make_plan
+    from loramoe_ds.run import train
 
     env = None
     try:

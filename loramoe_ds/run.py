@@ -1,11 +1,12 @@
-"""One training run: resolve the plan, build model + data + trainer, loop, checkpoint, export.
+"""One training run: data, trainer, loop, checkpoints, export (collective).
 
-``launcher/train.py`` is a thin wrapper around :func:`train`. Everything that
-can be checked without processes talking to each other (configs, DeepSpeed JSON,
-expert-parallel divisibility) is checked in :func:`make_plan` before any
-process group starts; the training data is validated and tokenised by
-:func:`prepare_data` before any model is loaded or engine built. :func:`train`
-is the loop, built from :mod:`loramoe_ds.train_loop`'s parts.
+``launcher/train.py`` resolves the plan (:func:`loramoe_ds.plan.make_plan`,
+before any process group), then calls :func:`prepare_data` -- the training data
+validated and tokenised before any model is loaded or engine built -- and
+:func:`train`, the loop built from :mod:`loramoe_ds.train_loop`'s parts around
+:class:`~loramoe_ds.parallel.engine.MoETrainer`. The base model comes from
+:mod:`loramoe_ds.base_model`; the process group from
+:func:`~loramoe_ds.parallel.groups.init_process_group`.
 """
 
 from __future__ import annotations
@@ -15,305 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from loramoe_ds.lr_schedule import LRSchedule, lr_ratio
-from loramoe_ds.parallel.settings import OptimizerSettings
-from loramoe_ds.run_config import RunConfig, resolve_ds_config
-
-TINY_VOCAB = 512
-
-
-@dataclass
-class Plan:
-    """Everything resolved before process groups start."""
-
-    run: RunConfig
-    ds_config: dict[str, Any]
-    world_size: int
-    rank: int
-    num_layers: int
-    experts_per_layer: list[int]
-    model_dir: str | None
-    hf_config: Any
-    gpus_per_node: int | None = None
-    """Ranks per node of the planned topology (``--gpus-per-node``), when known."""
-    param_counts: tuple[int, int, int, int] | None = None
-    """:func:`count_parameters` of this plan (filled by :func:`make_plan`)."""
-
-    @property
-    def optim(self) -> OptimizerSettings:
-        """AdamW settings and joint clip of routers and experts (``train.*``)."""
-        t = self.run.train
-        return OptimizerSettings(
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-            router_lr_scale=t.router_lr_scale,
-        )
-
-    @property
-    def lr_schedule(self) -> LRSchedule:
-        """Linear warm-up from lr/W at step 1, cosine decay: every step moves (``train.*``)."""
-        t = self.run.train
-        return LRSchedule(t.max_steps, t.warmup_steps, t.min_lr_ratio)
-
-    def describe(self) -> str:
-        """The human-readable plan printed by ``--dry-run``."""
-        run, W, ep = self.run, self.world_size, self.run.parallel.ep_size
-        ep_groups = [list(range(i * ep, (i + 1) * ep)) for i in range(W // ep)]
-        edp_groups = [list(range(j, W, ep)) for j in range(ep)]
-        n_base, n_router, n_expert, per_linear = self.param_counts or count_parameters(self)
-        bytes_pp = 2 if run.train.precision == "bf16" else 4
-        stage = run.parallel.zero_stage
-        base_rank = n_base * bytes_pp / (W if stage == 3 else 1)
-        # expert params: local shard; fp32 master + 2 Adam moments + grad = 16 B/param
-        expert_rank = n_expert / ep * 16
-        router_rank = n_router * 16 / (W if stage >= 1 else 1)
-        t = run.train
-        lines = [f"world size {W}: {W // ep} expert-parallel group(s) of {ep}"]
-        if self.gpus_per_node:
-            G = self.gpus_per_node
-            lines.append(
-                f"  {W // G} node(s) x {G} GPUs; "
-                + (
-                    "every EP group within one node"
-                    if G % ep == 0
-                    else "EP groups span nodes (expert all-to-all crosses the network; "
-                    "an ep_size dividing the GPUs per node keeps it inside a node)"
-                )
-            )
-        lines += [
-            f"  EP groups  {ep_groups}",
-            f"  EDP groups {edp_groups}",
-            f"model {run.model.name}: {self.num_layers} layers; adapter router={run.adapter.router}"
-            + (f" top_k={run.adapter.top_k}" if run.adapter.router == "topk" else "")
-            + f" rank={run.adapter.rank} targets={list(run.adapter.target_modules)}",
-            f"aux losses ({run.adapter.aux_loss_scope}): LBC {run.adapter.lbc_variant} "
-            f"beta={run.adapter.lbc_beta} delta={run.adapter.lbc_delta}; load balance "
-            f"{run.adapter.load_balance_coef}; z-loss {run.adapter.z_loss_coef}",
-            f"experts per layer {self.experts_per_layer} "
-            f"(total {sum(self.experts_per_layer) * per_linear} over {per_linear} linears/layer;"
-            f" {[e // ep for e in self.experts_per_layer][:8]}... local per EP rank)",
-            f"parameters: frozen base {n_base:,}; trainable routers {n_router:,} + experts "
-            f"{n_expert:,} ({100 * (n_router + n_expert) / max(n_base, 1):.2f}% of base)",
-            f"batch: micro {run.train.micro_batch_size} x grad_accum {run.train.grad_accum} x "
-            f"DP {W} = global {self.ds_config['train_batch_size']}; ZeRO stage {stage}; "
-            f"{run.train.precision}",
-            f"estimated memory per rank: base {base_rank / 2**20:.1f} MiB (ZeRO-{stage}), "
-            f"experts+optimizer {expert_rank / 2**20:.1f} MiB, routers+optimizer "
-            f"{router_rank / 2**20:.2f} MiB (activations extra)",
-            f"steps {t.max_steps}, lr {t.lr}: "
-            + (
-                f"linear warm-up from {t.lr * lr_ratio(1, t.warmup_steps, t.max_steps, 0):.3g} "
-                f"(step 1) to {t.lr:.3g} (step {t.warmup_steps}), "
-                if t.warmup_steps
-                else ""
-            )
-            + f"cosine to {t.lr * t.min_lr_ratio:.3g} (step {t.max_steps}); "
-            f"output {run.output.dir}",
-        ]
-        return "\n".join(lines)
-
-
-def count_parameters(plan: Plan) -> tuple[int, int, int, int]:
-    """(frozen base, router, expert, adapted linears per layer) parameter counts.
-
-    Computed on the ``meta`` device: no memory, no weights loaded.
-    """
-    from loramoe_ds.model.inject import inject
-
-    with torch.device("meta"):
-        base = _from_config(plan.hf_config, init_weights=False)
-        n_base = sum(p.numel() for p in base.parameters())
-        model = inject(base, plan.run.adapter)
-    n_router = sum(m.router.weight.numel() for m in model.moe_layers())
-    n_expert = sum(sum(p.numel() for p in m.experts.parameters()) for m in model.moe_layers())
-    per_linear = max(1, len(model.moe_layers()) // max(plan.num_layers, 1))
-    return n_base, n_router, n_expert, per_linear
-
-
-def _from_config(hf_config, init_weights: bool = True):
-    """Build the architecture; skip random init when pretrained weights follow.
-
-    Skipping also avoids transformers' init touching ZeRO-3 partitioned (empty)
-    tensors, e.g. the embedding's padding row.
-    """
-    import contextlib
-
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    ctx = contextlib.nullcontext() if init_weights else no_init_weights()
-    with ctx:
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-
-
-def _hf_config(run: RunConfig) -> tuple[Any, str | None]:
-    """The transformers config of the base model and its weight directory (None: random)."""
-    from loramoe_ds.tiny import tiny_config
-
-    name = run.model.name
-    if name.startswith("tiny-"):
-        cfg = tiny_config(
-            name[5:],
-            vocab_size=TINY_VOCAB,
-            layers=run.model.tiny_layers,
-            hidden=run.model.tiny_hidden,
-        )
-        return cfg, None
-    if name == "smollm2":
-        from loramoe_ds.smollm2 import ensure_smollm2
-
-        try:
-            model_dir = str(ensure_smollm2())
-        except (FileNotFoundError, ImportError) as e:  # package missing: one line, exit 2
-            raise ValueError(f"model.name='smollm2': {e}") from e
-    else:
-        model_dir = name
-        if not Path(model_dir, "config.json").is_file():
-            raise ValueError(
-                f"model.name={name!r}: not 'smollm2', a tiny-* model, or a local Hugging Face "
-                "model directory with config.json"
-            )
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_dir), model_dir
-    except (OSError, ValueError, KeyError) as e:  # unreadable or unknown model_type
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"model.name={name!r}: transformers cannot read {model_dir}/config.json: {first}"
-        ) from e
-
-
-def make_plan(
-    run: RunConfig,
-    ds_user: dict[str, Any],
-    world_size: int,
-    rank: int,
-    gpus_per_node: int | None = None,
-    resume: str | None = None,
-) -> Plan:
-    """Validate everything that needs no process group.
-
-    Also counts the parameters (on the ``meta`` device) and, on rank 0, prints
-    one warning line when the adapter has more parameters than the base model
-    (usually a ``num_experts`` or ``rank`` typo).
-
-    Args:
-        run: The validated run config.
-        ds_user: The user's DeepSpeed JSON (``{}`` when none).
-        world_size: Ranks of the job (or of the planned job, for a dry run).
-        rank: This process's rank.
-        gpus_per_node: Ranks per node of a planned topology (dry run), if known.
-        resume: The launcher's ``--resume`` (``auto``, ``none`` or a checkpoint
-            directory): a checkpoint this topology and config cannot continue is
-            refused here, naming both topologies (:func:`check_resume_plan`).
-
-    Raises:
-        ValueError: Config / DeepSpeed JSON disagreement, an ``ep_size`` that
-            does not divide the world size or some layer's expert count, or a
-            checkpoint to resume that this run cannot continue.
-    """
-    import sys
-
-    from loramoe_ds.parallel.groups import validate_ep
-
-    ds = resolve_ds_config(run, ds_user, world_size)
-    if run.train.precision == "bf16":
-        ds.setdefault("bf16", {})["enabled"] = True
-    hf_config, model_dir = _hf_config(run)
-    n_layers = hf_config.num_hidden_layers
-    counts = run.adapter.layer_experts(n_layers)
-    if resume not in (None, "none"):
-        check_resume_plan(run, ds, world_size, counts, hf_config, resume)
-    validate_ep(run.parallel.ep_size, world_size, counts)
-    plan = Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_config, gpus_per_node)
-    plan.param_counts = count_parameters(plan)
-    n_base, n_router, n_expert, _ = plan.param_counts
-    if rank == 0 and n_router + n_expert > n_base:
-        print(
-            f"warning: the adapter has {n_router + n_expert:,} trainable parameters, "
-            f"{(n_router + n_expert) / max(n_base, 1):.1f}x the base model's {n_base:,} "
-            f"(experts per layer {sorted(set(counts))}, rank {run.adapter.rank}, "
-            f"{len(run.adapter.target_modules)} target modules); check adapter.num_experts "
-            "and adapter.rank",
-            file=sys.stderr,
-            flush=True,
-        )
-    return plan
-
-
-def checkpoint_source(run: RunConfig, resume: str) -> Path:
-    """Where ``--resume`` looks: ``output.dir/checkpoints`` for ``auto``, else the directory."""
-    return Path(run.output.dir) / "checkpoints" if resume == "auto" else Path(resume)
-
-
-def check_resume_plan(run, ds, world_size, counts, hf_config, resume: str) -> None:
-    """Refuse, before any heavy work, a checkpoint this run cannot continue.
-
-    Reads only the checkpoint's JSON (:func:`loramoe_ds.parallel.checkpoint.check_resume`);
-    nothing to resume (``auto`` without ``latest``) passes.
-    """
-    from loramoe_ds.parallel.checkpoint import base_identity, check_resume
-
-    now = {
-        "world_size": world_size,
-        "ep_size": run.parallel.ep_size,
-        "experts_per_layer": counts,
-        "adapter": run.adapter.to_dict(),
-        "base": base_identity(hf_config),
-        "train_batch_size": int(ds["train_batch_size"]),
-    }
-    src = checkpoint_source(run, resume)
-    if resume != "auto" and not src.is_dir():
-        raise ValueError(f"--resume {resume}: no such checkpoint directory")
-    check_resume(src, now)
-
-
-def model_factory(plan: Plan):
-    """A callable building the base model (the trainer calls it under ``zero.Init``).
-
-    Pretrained weights are loaded *into* the (possibly ZeRO-3 partitioned)
-    parameters: rank 0 reads the safetensors and each tensor is scattered via
-    ``GatheredParameters(modifier_rank=0)``, so no rank ever holds two full copies.
-    """
-
-    def build():
-        # Same seed on every rank: a random (tiny) base is identical everywhere and
-        # across launchers, so runs are comparable.
-        torch.manual_seed(plan.run.train.seed)
-        model = _from_config(plan.hf_config, init_weights=plan.model_dir is None)
-        if plan.model_dir is not None:
-            from loramoe_ds.parallel.zero_load import load_pretrained_into
-
-            load_pretrained_into(model, plan.model_dir)
-        return model
-
-    return build
-
-
-def load_tokenizer(plan: Plan, is_main: bool, barrier):
-    """The tokenizer of the base model, or a BPE trained on the demo data for tiny models.
-
-    For tiny models the main process trains and caches the BPE, then everyone
-    passes ``barrier`` and loads it.
-    """
-    run = plan.run
-    if plan.model_dir is not None:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(plan.model_dir)
-    from loramoe_ds.data import demo_path
-    from loramoe_ds.tiny import tiny_tokenizer
-
-    out = Path(run.output.dir) / "cache" / "tiny_tokenizer"
-    files = [demo_path("train.jsonl")]
-    if is_main:
-        tiny_tokenizer(files, out, vocab_size=TINY_VOCAB)
-    barrier()
-    return tiny_tokenizer(files, out, vocab_size=TINY_VOCAB)
+from loramoe_ds.base_model import load_tokenizer, model_factory
+from loramoe_ds.config import RunConfig
+from loramoe_ds.parallel.groups import init_process_group
+from loramoe_ds.plan import Plan, checkpoint_source
 
 
 def _train_files(run: RunConfig) -> list[str]:
@@ -365,9 +71,7 @@ def prepare_data(plan: Plan) -> PreparedData:
     files = _train_files(run)
     world, is_main = plan.world_size, plan.rank == 0
     if world > 1:
-        import deepspeed
-
-        deepspeed.init_distributed()  # the process group only; MoETrainer.build reuses it
+        init_process_group()  # the process group only; train and MoETrainer.build reuse it
     tok, stats, err, exc = None, None, None, None
     if is_main:
         try:
@@ -405,8 +109,8 @@ def train(
 
     The loop is small on purpose: :class:`~loramoe_ds.parallel.engine.MoETrainer`
     trains one optimizer step from the step's GAS micro-batches
-    (:func:`~loramoe_ds.train_loop.steps.optimizer_steps`),
-    :class:`~loramoe_ds.train_loop.metrics.MetricsAccumulator` turns it into one
+    (:func:`~loramoe_ds.train_loop.step_batches.step_batches`),
+    :class:`~loramoe_ds.train_loop.step_metrics.MetricsAccumulator` turns it into one
     row, :class:`~loramoe_ds.train_loop.policy.CheckpointPolicy` decides to save,
     prune and stop.
 
@@ -429,12 +133,12 @@ def train(
 
     from loramoe_ds.data import build_dataloader
     from loramoe_ds.launch.preempt import PreemptionHandler
-    from loramoe_ds.metrics import MetricsLogger
     from loramoe_ds.parallel.checkpoint import latest_tag
     from loramoe_ds.parallel.engine import MoETrainer
-    from loramoe_ds.train_loop.metrics import MetricsAccumulator, csv_fields
+    from loramoe_ds.train_loop.logger import MetricsLogger
     from loramoe_ds.train_loop.policy import CheckpointPolicy
-    from loramoe_ds.train_loop.steps import optimizer_steps
+    from loramoe_ds.train_loop.step_batches import step_batches
+    from loramoe_ds.train_loop.step_metrics import MetricsAccumulator, csv_fields
 
     run = plan.run
     out = Path(run.output.dir)
@@ -443,6 +147,7 @@ def train(
     if own_handler:
         handler = PreemptionHandler().install()
     data = data or prepare_data(plan)
+    init_process_group()  # one process: started only now, after the data was checked
     trainer = MoETrainer.build(
         model_factory(plan),
         run.adapter,
@@ -494,7 +199,7 @@ def train(
     preempted = False
     try:
         done_this_run = 0
-        steps = optimizer_steps(loader, run.train.grad_accum)
+        steps = step_batches(loader, run.train.grad_accum)
         while trainer.global_step < policy.max_steps:
             last = acc.step(trainer.train_step(next(steps)))
             step = trainer.global_step

@@ -1,13 +1,22 @@
-"""Tiny causal LMs built in-process (tests, CI, the README's quick run).
+"""Tiny causal LMs and tokenizers built in-process (tests, CI, benches, the README's quick run).
 
-Nothing is downloaded: configs are written here and weights are random.
+Nothing is downloaded: configs are written here and weights are random;
+:func:`tiny_tokenizer` is a byte-level BPE trained on the demo data (``tiny-*``
+run configs), :func:`tiny_sp_tokenizer` a ~200-token SentencePiece-style BPE
+trained on a fixed corpus (unit tests, ``bench/data.py``).
 """
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from pathlib import Path
+
 import torch
 
-ARCHS = ("llama", "qwen2", "mistral")
+from loramoe_ds.config.run import TINY_ARCHS
+
+ARCHS = TINY_ARCHS
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 128, layers: int = 4, hidden: int = 32):
@@ -94,3 +103,61 @@ def tiny_tokenizer(corpus_files, out_dir, vocab_size: int = 512):
         eos_token="</s>",
         pad_token="<pad>",
     )
+
+
+SP_CORPUS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "Classify the sentiment of the review as positive or negative.",
+    "The movie was wonderful. The meal was terrible. positive negative",
+    "Extract the number from the sentence. Alice bought 17 apples at the market.",
+    "Convert the text to uppercase. RIVER STONE CLOUD river stone cloud",
+    "Reverse the order of the list: apple, pear, fig, plum.",
+    "Compute the sum. 347 + 128 = 475. Compute the difference. 90 - 12 = 78.",
+    "### Instruction: ### Input: ### Response: user assistant system",
+    '{"name": "Bob", "age": 31} JSON with keys name and age.',
+    "Who wrote Hamlet? William Shakespeare wrote Hamlet and Macbeth.",
+    "<|user|>\nhello</s>\n<|assistant|>\nhi</s>\n<|system|>\nbe brief</s>\n",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"{}[]()#+-=<>|/",
+]
+
+SP_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _sp_tokenizer_json() -> str:
+    from tokenizers import SentencePieceBPETokenizer
+
+    tok = SentencePieceBPETokenizer(unk_token="<unk>")
+    tok.train_from_iterator(
+        SP_CORPUS * 20,
+        vocab_size=200,
+        min_frequency=1,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        limit_alphabet=120,
+        show_progress=False,
+    )
+    path = Path(tempfile.mkdtemp(prefix="tiny_tok_")) / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def tiny_sp_tokenizer(chat: bool = False):
+    """A ~200-token SentencePiece-style BPE tokenizer (unk 0, bos 1, eos 2, pad 3).
+
+    With ``chat=True`` it also has a small chat template.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=_sp_tokenizer_json(),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    if chat:
+        tok.chat_template = SP_CHAT_TEMPLATE
+    return tok

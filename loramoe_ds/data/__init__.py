@@ -9,8 +9,8 @@ Typical use from a training loop::
     ckpt["data"] = loader.state_dict()   # resume: loader.load_state_dict(...)
 """
 
+from loramoe_ds.config import DataConfig
 from loramoe_ds.data.collate import IGNORE_INDEX, Collator, PackedCollator, pad_id_for
-from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.loader import StatefulLoader, build_dataloader
 from loramoe_ds.data.packing import (
     PackedRows,

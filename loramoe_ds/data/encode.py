@@ -9,8 +9,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from loramoe_ds.config import DataConfig
 from loramoe_ds.data.chat import ChatEncoder, ChatRecordError
-from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.prompts import PromptFormatter
 from loramoe_ds.data.records import DataError
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from loramoe_ds.config import DataConfig
 from loramoe_ds.data.collate import Collator, PackedCollator, pad_id_for
-from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.mix import Mix
 from loramoe_ds.data.packing import PackedRows, PaddingStats, padding_stats, record_lengths
 from loramoe_ds.data.records import DataError, DataStats

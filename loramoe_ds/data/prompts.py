@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loramoe_ds.data.config import DataConfig
+from loramoe_ds.config import DataConfig
 
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PLAIN_PROMPT_WITH_INPUT = (

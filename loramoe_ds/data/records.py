@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loramoe_ds.config import DataConfig, DatasetConfig
 from loramoe_ds.data.chat import ChatRecordError, detect_format, dumps_turns, normalise_turns
-from loramoe_ds.data.config import DataConfig, DatasetSpec
 from loramoe_ds.data.raw import DataError, _BadRecordError
 
 __all__ = ["REQUIRED_FIELDS", "DataError", "DataStats", "iter_records", "validate_record"]
@@ -239,7 +239,7 @@ def iter_records(
             path = Path(src)
             if not path.is_file():
                 raise DataError(f"{path}: file not found")
-            src = Source(DatasetSpec(str(path), cfg.format), "file", str(path))
+            src = Source(DatasetConfig(str(path), cfg.format), "file", str(path))
         fmt = src.spec.format
         for lineno, raw in src.rows():
             stats.records_read += 1

@@ -1,6 +1,6 @@
 """Where a dataset's records come from: a file, a ``save_to_disk`` directory or the Hub.
 
-A :class:`~loramoe_ds.data.config.DatasetSpec` path is read as
+A :class:`~loramoe_ds.config.DatasetConfig` path is read as
 
 - a JSONL / JSON / Parquet file (:func:`loramoe_ds.data.records.iter_records`);
 - a directory written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loramoe_ds.data.config import DataConfig, DatasetSpec
+from loramoe_ds.config import DataConfig, DatasetConfig
 
 FILE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 """File types read as record files."""
@@ -40,7 +40,7 @@ def file_fingerprint(path: Path) -> str:
 class Source:
     """One resolved dataset of a run: its spec, kind and location."""
 
-    spec: DatasetSpec
+    spec: DatasetConfig
     """The dataset's format, default task type and weight."""
 
     kind: str

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from loramoe_ds.config import DataConfig
 from loramoe_ds.data.chat import ChatEncoder
-from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.encode import _TOKENIZED_FEATURES, _Tokenize  # noqa: F401  (tests patch _Tokenize here)
 from loramoe_ds.data.prompts import (  # noqa: F401  (re-exported: the prompt formats' old home)
     PLAIN_PROMPT,

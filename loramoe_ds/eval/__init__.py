@@ -34,7 +34,7 @@ from loramoe_ds.eval.common import (
 from loramoe_ds.eval.downstream import evaluate_downstream, score_downstream
 from loramoe_ds.eval.knowledge import evaluate_knowledge, knowledge_match, normalize_answer
 from loramoe_ds.eval.utilisation import expert_utilisation
-from loramoe_ds.model.inject import LoRAMoEModel
+from loramoe_ds.model.lm import LoRAMoEModel
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -76,7 +76,7 @@ def evaluate_all(
     """Knowledge QA, downstream accuracy and (adapter models) expert utilisation.
 
     Args:
-        model: HF causal LM or :class:`~loramoe_ds.model.inject.LoRAMoEModel`.
+        model: HF causal LM or :class:`~loramoe_ds.model.lm.LoRAMoEModel`.
         tokenizer: Its tokenizer.
         knowledge_file: Knowledge JSONL (default: the shipped eval set).
         downstream_file: Downstream JSONL (default: the shipped eval set).

@@ -12,7 +12,7 @@ tokenised on their own without special tokens, as the training tokeniser does
 was trained to produce.
 
 Everything here runs on a single device with plain PyTorch/transformers; a
-:class:`~loramoe_ds.model.inject.LoRAMoEModel` is evaluated through its injected
+:class:`~loramoe_ds.model.lm.LoRAMoEModel` is evaluated through its injected
 HF model (``model.base``), whose linears carry the experts.
 """
 
@@ -27,10 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from loramoe_ds.base_model import resolve_model_dir
+from loramoe_ds.config import DataConfig
 from loramoe_ds.data.collate import pad_id_for
-from loramoe_ds.data.config import DataConfig
 from loramoe_ds.data.tokenize import PromptFormatter
-from loramoe_ds.model.inject import ADAPTER_CONFIG, LoRAMoEModel, load_adapter
+from loramoe_ds.model.adapter_io import ADAPTER_CONFIG, load_adapter
+from loramoe_ds.model.lm import LoRAMoEModel
 
 DEFAULT_BATCH_SIZE = 16
 """Sequences per forward (generation and scoring)."""
@@ -295,22 +297,6 @@ def answer_logliks(
 # -- loading ---------------------------------------------------------------
 
 
-def resolve_model_dir(name: str | os.PathLike[str]) -> Path:
-    """``"smollm2"`` -> the cached converted SmolLM2 directory; else the path itself.
-
-    Raises:
-        ValueError: If a path is given that is not a directory.
-    """
-    if str(name) == "smollm2":
-        from loramoe_ds.smollm2 import ensure_smollm2
-
-        return ensure_smollm2()
-    path = Path(name)
-    if not path.is_dir():
-        raise ValueError(f"--model {name!r} is neither 'smollm2' nor a model directory")
-    return path
-
-
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
@@ -325,12 +311,12 @@ def load_model(
     """Loads a model for evaluation, with no DeepSpeed.
 
     Three cases: a base model (``"smollm2"`` or an HF directory), a base model
-    plus a saved adapter directory (:func:`~loramoe_ds.model.inject.load_adapter`),
+    plus a saved adapter directory (:func:`~loramoe_ds.model.adapter_io.load_adapter`),
     and a full-fine-tune checkpoint (a plain HF directory, same as a base).
 
     Args:
         model: ``"smollm2"`` or a Hugging Face model directory.
-        adapter: Directory written by ``LoRAMoEModel.save_adapter`` (optional).
+        adapter: Directory written by :func:`~loramoe_ds.model.adapter_io.save_adapter` (optional).
         tokenizer: Tokenizer directory (or ``"smollm2"``); default: the model
             directory, else the adapter's recorded base model, else SmolLM2.
         device: Torch device string.

@@ -120,7 +120,7 @@ def evaluate_downstream(
     """Per-task and macro accuracy of greedy generation.
 
     Args:
-        model: HF causal LM or :class:`~loramoe_ds.model.inject.LoRAMoEModel`.
+        model: HF causal LM or :class:`~loramoe_ds.model.lm.LoRAMoEModel`.
         enc: Prompt encoder (training's prompt format).
         records: ``{instruction, input, output, task}`` records.
         batch_size: Prompts per generate call.

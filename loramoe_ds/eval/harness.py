@@ -88,7 +88,7 @@ def run_lm_eval(
     """Runs lm-eval tasks on an in-memory model.
 
     Args:
-        model: A :class:`~loramoe_ds.model.inject.LoRAMoEModel` or HF causal LM.
+        model: A :class:`~loramoe_ds.model.lm.LoRAMoEModel` or HF causal LM.
         tokenizer: Its tokenizer.
         tasks: Task or group names: the shipped ones (:data:`SHIPPED_TASKS`,
             ``loramoe``) or any lm-eval task available offline.

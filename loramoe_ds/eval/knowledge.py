@@ -85,7 +85,7 @@ def evaluate_knowledge(
     """Knowledge QA accuracy by generation and by log-likelihood ranking.
 
     Args:
-        model: HF causal LM or :class:`~loramoe_ds.model.inject.LoRAMoEModel`.
+        model: HF causal LM or :class:`~loramoe_ds.model.lm.LoRAMoEModel`.
         enc: Prompt encoder (training's prompt format).
         records: Knowledge records (see the module docstring).
         batch_size: Sequences per forward.

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from loramoe_ds.eval.common import DEFAULT_BATCH_SIZE, PromptEncoder, batches, by_length, pad_batch
-from loramoe_ds.model.inject import LoRAMoEModel
+from loramoe_ds.model.lm import LoRAMoEModel
 from loramoe_ds.model.losses import knowledge_group
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.model.router import Routing

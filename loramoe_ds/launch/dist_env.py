@@ -1,5 +1,9 @@
 """Map whatever launched this process onto the ``env://`` variables DeepSpeed reads.
 
+Length: one detection order over three launcher conventions (``env://``, Slurm,
+MPI), each reader with its validation and the private helpers they share (host
+lists, tasks per node, ports); they stay together in this file.
+
 ``deepspeed.init_distributed()`` (and ``torch.distributed`` with ``env://``) reads
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` and
 nothing else: it never looks at ``SLURM_*``, and its own MPI discovery puts

@@ -29,7 +29,8 @@ What :meth:`MoETrainer.build` does, in order:
 1. :func:`~loramoe_ds.parallel.groups.validate_ep` (world size from the
    launcher's ``WORLD_SIZE``, layer count from the model factory run on the
    ``meta`` device or ``num_layers``) -- *before* any process-group work.
-2. ``deepspeed.init_distributed``; EP / EDP groups
+2. :func:`~loramoe_ds.parallel.groups.init_process_group` (a no-op when the
+   run started it); EP / EDP groups
    (:mod:`~loramoe_ds.parallel.groups`).
 3. The base model from ``model_factory()`` -- under ``deepspeed.zero.Init`` for
    ZeRO stage 3, so it is born partitioned -- frozen.
@@ -106,19 +107,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loramoe_ds.config import AdapterConfig
+from loramoe_ds.base_model import enable_activation_checkpointing, factory_num_layers
+from loramoe_ds.config import LOSS_REDUCTIONS, AdapterConfig, check_choice
+from loramoe_ds.model.adapter_io import copy_adapter_state
 from loramoe_ds.model.experts import ExpertBank
-from loramoe_ds.model.inject import LoRAMoEModel, _num_layers, inject
+from loramoe_ds.model.inject import inject
+from loramoe_ds.model.lm import LoRAMoEModel
 from loramoe_ds.parallel import checkpoint as ckpt
 from loramoe_ds.parallel import zero_state
-from loramoe_ds.parallel.checkpoint import load_full_state
 from loramoe_ds.parallel.dispatch import CommStats
 from loramoe_ds.parallel.expert_optimizer import ExpertOptimizer
-from loramoe_ds.parallel.groups import ExpertGroups, create_expert_groups, validate_ep
+from loramoe_ds.parallel.groups import (
+    ExpertGroups,
+    create_expert_groups,
+    init_process_group,
+    validate_ep,
+)
 from loramoe_ds.parallel.layout import AdapterLayout
 from loramoe_ds.parallel.settings import OptimizerSettings
 from loramoe_ds.parallel.token_mean import (
-    LOSS_REDUCTIONS,
     count_label_tokens,
     micro_batch_divisor,
     step_label_tokens,
@@ -168,23 +175,6 @@ def _world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _count_layers(model_factory: Callable[[], nn.Module], num_layers: int | None) -> int:
-    if num_layers is not None:
-        return num_layers
-    n = getattr(model_factory, "num_layers", None)
-    if isinstance(n, int):
-        return n
-    try:
-        with torch.device("meta"):
-            probe = model_factory()
-        return _num_layers(probe)
-    except Exception as exc:  # noqa: BLE001 - any factory failure means "tell us"
-        raise ValueError(
-            "cannot determine the model's number of decoder layers before initialising "
-            f"distributed training ({exc}); pass num_layers= to MoETrainer.build"
-        ) from exc
-
-
 class MoETrainer:
     """DeepSpeed engine + expert-parallel banks + expert optimizer (see module docstring).
 
@@ -213,10 +203,6 @@ class MoETrainer:
         optim: OptimizerSettings,
         loss_reduction: str = "token_mean",
     ):
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction={loss_reduction!r}: valid values {list(LOSS_REDUCTIONS)}"
-            )
         self.loss_reduction = loss_reduction
         self.engine = engine
         self.model: LoRAMoEModel = model
@@ -281,15 +267,12 @@ class MoETrainer:
                 f"ds_config: remove {given}: the optimizer, LR schedule and gradient clip "
                 "are passed as optim= / lr_schedule= (train.* in the run config)"
             )
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction={loss_reduction!r}: valid values {list(LOSS_REDUCTIONS)}"
-            )
-        n_layers = _count_layers(model_factory, num_layers)
+        check_choice("train.loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        n_layers = factory_num_layers(model_factory, num_layers)
         counts = adapter_cfg.layer_experts(n_layers)
         validate_ep(ep_size, _world_size_from_env(), counts)
 
-        deepspeed.init_distributed()
+        init_process_group()  # reused when the run (or a test) started it
         groups = create_expert_groups(ep_size)
 
         cfg = copy.deepcopy(ds_config)
@@ -311,7 +294,7 @@ class MoETrainer:
         torch.manual_seed(seed)
         model = inject(base, adapter_cfg)
         if init_state is not None:
-            load_full_state(model, init_state)
+            copy_adapter_state(model, init_state, "init_state")
         if getattr(adapter_cfg, "aux_loss_scope", "micro_batch") == "global_batch":
             from loramoe_ds.parallel.aux_scope import DPGather
 
@@ -393,7 +376,7 @@ class MoETrainer:
 
         Returns:
             A :class:`StepResult` (reduce it over ranks with
-            :mod:`loramoe_ds.train_loop.metrics`).
+            :mod:`loramoe_ds.train_loop.step_metrics`).
 
         Raises:
             ValueError: If the number of micro-batches is not the engine's GAS.
@@ -611,22 +594,3 @@ class MoETrainer:
     def export_adapter(self, path: str | Path) -> Path:
         """Gather all experts and write the safetensors adapter on rank 0 (collective)."""
         return ckpt.export_adapter(self, path)
-
-
-def enable_activation_checkpointing(base: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer of a transformers model.
-
-    Raises:
-        ValueError: If the architecture has no checkpointable decoder layers.
-    """
-    kwargs = {"use_reentrant": False}
-    if not getattr(base, "supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"train.activation_checkpointing: {type(base).__name__} does not support "
-            "activation checkpointing in transformers"
-        )
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.23
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    base.train()

@@ -17,7 +17,8 @@ The groups are built with ``torch.distributed.new_group`` (every rank creates
 every group, in the same order, as ``new_group`` requires) rather than through
 DeepSpeed's private ``groups`` module, so that DeepSpeed's engine never mistakes
 this run for a native ``deepspeed.moe`` run (which ZeRO-3 refuses).
-:func:`validate_ep` checks the user's numbers *before* any process-group work.
+:func:`validate_ep` checks the user's numbers *before* any process-group work;
+:func:`init_process_group` is the one place the default process group starts.
 """
 
 from __future__ import annotations
@@ -112,10 +113,30 @@ class ExpertGroups:
         return self.world_size // self.ep_size
 
 
+def init_process_group() -> None:
+    """Start the default process group from the launcher's environment (collective).
+
+    The one place the process group is initialised (``deepspeed.init_distributed``,
+    which reads ``RANK``/``WORLD_SIZE``/``MASTER_*`` as mapped by
+    :mod:`loramoe_ds.launch.dist_env`). A no-op when the group already exists:
+    :func:`loramoe_ds.run.prepare_data` starts it for several ranks before the
+    data is read, :func:`loramoe_ds.run.train` and
+    :meth:`~loramoe_ds.parallel.engine.MoETrainer.build` reuse it (or start it
+    when they are the first).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 def create_expert_groups(ep_size: int) -> ExpertGroups:
     """Create the EP and EDP groups (collective: every rank must call it).
 
-    Requires an initialised default process group (``deepspeed.init_distributed``).
+    Requires an initialised default process group (:func:`init_process_group`).
     Validate first with :func:`validate_ep`.
     """
     import torch.distributed as dist

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loramoe_ds.model.experts import ExpertBank
-from loramoe_ds.model.inject import LoRAMoEModel
+from loramoe_ds.model.lm import LoRAMoEModel
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
 from loramoe_ds.parallel.groups import ExpertGroups

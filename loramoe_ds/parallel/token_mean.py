@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 
 IGNORE_INDEX = -100
-LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
 
 
 def count_label_tokens(labels_BS: torch.Tensor) -> int:
@@ -60,9 +59,10 @@ def micro_batch_divisor(
     """``num_items_in_batch`` of every micro-batch of a step (``None``: its own token mean).
 
     ``token_mean``: ``N_step / (W * G)`` (at least 1 token, so an all-prompt step
-    stays finite); ``micro_batch_mean``: ``None``.
+    stays finite); ``micro_batch_mean``: ``None`` (the choices:
+    :data:`loramoe_ds.config.LOSS_REDUCTIONS`, checked by the config and by
+    :meth:`~loramoe_ds.parallel.engine.MoETrainer.build`).
     """
-    assert loss_reduction in LOSS_REDUCTIONS, loss_reduction
     if loss_reduction == "token_mean":
         return max(n_step, 1) / (world_size * gas)
     return None

@@ -8,13 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+import _common as C
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-from loramoe_ds.parallel.aux_scope import DPGather  # noqa: E402
-from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
+from loramoe_ds.parallel.aux_scope import DPGather
+from loramoe_ds.parallel.engine import MoETrainer
 
 
 def main():

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -168,12 +166,6 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, what: str) -> No
     assert err <= rtol * max(1.0, scale), f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, scenario: str, args: dict, out: Path, timeout: float = 300, env=None,
            wait: bool = True, worker: str = "_worker.py"):  # fmt: skip
     """Start ``world`` worker processes (gloo, CPU, one thread each).
@@ -181,9 +173,11 @@ def launch(world: int, scenario: str, args: dict, out: Path, timeout: float = 30
     ``worker`` is a script beside this file, called ``worker SCENARIO ARGS OUT``
     (``scenario=None``: ``worker ARGS OUT``).
     """
+    from launching import free_port, launch_ranks, start_ranks  # tests/: not in the workers
+
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    procs = []
+    envs, cmds = [], []
     for r in range(world):
         e = dict(os.environ)
         e.update(
@@ -192,18 +186,13 @@ def launch(world: int, scenario: str, args: dict, out: Path, timeout: float = 30
             OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
         )  # fmt: skip
         e.update(env or {})
-        log = open(out / f"log_rank{r}.txt", "w")
+        envs.append(e)
         cmd = [sys.executable, str(HERE / worker)] + ([scenario] if scenario else [])
-        cmd += [json.dumps(args), str(out)]
-        procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT))
+        cmds.append(cmd + [json.dumps(args), str(out)])
+    logs = [out / f"log_rank{r}.txt" for r in range(world)]
     if not wait:
-        return procs
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        return start_ranks(cmds, envs, logs=logs)
+    codes = [code for code, _ in launch_ranks(cmds, envs, timeout, logs=logs)]
     if any(codes):
         logs = "\n".join((out / f"log_rank{r}.txt").read_text()[-3000:] for r in range(world))
         raise AssertionError(f"worker exit codes {codes}\n{logs}")

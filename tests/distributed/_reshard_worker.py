@@ -4,7 +4,7 @@ Each run of ``args["runs"]`` builds a trainer at this launch's world size with
 its own ``ep_size``, ZeRO stage, micro-batch and GAS (global batch
 :data:`GLOBAL_BATCH`), optionally resumes from a checkpoint, trains to
 :data:`STEPS` on the real data path (resumable sampler with ``global_batch`` ->
-:class:`StatefulLoader` -> :class:`Collator` -> ``optimizer_steps``), saves
+:class:`StatefulLoader` -> :class:`Collator` -> ``step_batches``), saves
 where asked and returns the reduced per-step metrics and the final adapter.
 """
 
@@ -16,18 +16,16 @@ import os
 import sys
 from pathlib import Path
 
+import _common as C
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-from loramoe_ds.data.collate import Collator  # noqa: E402
-from loramoe_ds.data.loader import StatefulLoader  # noqa: E402
-from loramoe_ds.data.sampler import ResumableDistributedSampler  # noqa: E402
-from loramoe_ds.lr_schedule import LRSchedule  # noqa: E402
-from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
-from loramoe_ds.train_loop.metrics import reduce_step  # noqa: E402
-from loramoe_ds.train_loop.steps import optimizer_steps  # noqa: E402
+from loramoe_ds.data.collate import Collator
+from loramoe_ds.data.loader import StatefulLoader
+from loramoe_ds.data.sampler import ResumableDistributedSampler
+from loramoe_ds.lr_schedule import LRSchedule
+from loramoe_ds.parallel.engine import MoETrainer
+from loramoe_ds.train_loop.step_batches import step_batches
+from loramoe_ds.train_loop.step_metrics import reduce_step
 
 GLOBAL_BATCH = 8
 RECORDS = 28  # 3 whole steps per epoch (4 records dropped): the runs cross an epoch
@@ -100,7 +98,7 @@ def one_run(spec: dict, out: Path) -> dict:
         loader.load_state_dict(client["data"])
         start = trainer.global_step
     rows = {}
-    steps = optimizer_steps(loader, spec["gas"])
+    steps = step_batches(loader, spec["gas"])
     while trainer.global_step < STEPS:
         res = trainer.train_step(next(steps))
         row = reduce_step(res.outputs, res.batches)

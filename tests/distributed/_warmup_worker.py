@@ -12,12 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
-from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
-from loramoe_ds.run import make_plan, model_factory  # noqa: E402
-from loramoe_ds.run_config import load_run_config  # noqa: E402
+from loramoe_ds.base_model import model_factory
+from loramoe_ds.config import load_run_config
+from loramoe_ds.parallel.engine import MoETrainer
+from loramoe_ds.plan import make_plan
 
 
 def main(out: Path, overrides: list[str]) -> None:

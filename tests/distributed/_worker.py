@@ -7,12 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+import _common as C
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-from loramoe_ds.parallel.engine import MoETrainer  # noqa: E402
+from loramoe_ds.parallel.engine import MoETrainer
 
 
 def hang_in_next_save(marker: str) -> None:
@@ -145,7 +143,7 @@ def token_mean(args, out: Path):
     """One optimizer step per case from uneven micro-batches: N_step, reduced row, grads."""
     import torch.distributed as dist
 
-    from loramoe_ds.train_loop.metrics import reduce_step
+    from loramoe_ds.train_loop.step_metrics import reduce_step
 
     results = {}
     world = int(os.environ["WORLD_SIZE"])

@@ -11,14 +11,9 @@ raises.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _common as C
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 
 CASES = {
     1: [

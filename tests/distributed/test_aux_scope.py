@@ -12,14 +12,10 @@ micro-batches (padding never counts in either loss).
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
+import _common as C
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -12,18 +12,14 @@ Resuming on other topologies: tests/distributed/test_reshard.py.
 from __future__ import annotations
 
 import signal
-import sys
 import time
-from pathlib import Path
 
+import _common as C
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-from loramoe_ds.model.inject import load_adapter  # noqa: E402
-from loramoe_ds.parallel.checkpoint import META, OPTIMIZER, TRAINER_STATE, latest_tag  # noqa: E402
+from loramoe_ds.model.adapter_io import load_adapter
+from loramoe_ds.parallel.checkpoint import META, OPTIMIZER, TRAINER_STATE, latest_tag
 
 pytestmark = pytest.mark.distributed
 BASE = dict(router="topk", ep=2, stage=3, gas=2, clip=0.5, steps=4)

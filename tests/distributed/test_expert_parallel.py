@@ -10,14 +10,9 @@ reference computes every ``loss(r, m)`` on its own micro-batch and averages them
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _common as C
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -193,7 +188,7 @@ def test_zero3_partitions_base(run):
 def test_export_loads_without_deepspeed(run):
     """The gathered adapter export loads with load_adapter onto the plain base model."""
     world, results, out = run
-    from loramoe_ds.model.inject import load_adapter
+    from loramoe_ds.model.adapter_io import load_adapter
 
     cases = [c for c in CASES[world] if c.get("export")]
     assert cases

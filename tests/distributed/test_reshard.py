@@ -27,13 +27,8 @@ Four launches (world 2, 4, 2, 1), each running several trainers in turn.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _common as C
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 ROUTERS = ("soft", "topk")

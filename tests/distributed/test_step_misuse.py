@@ -11,13 +11,9 @@ raise; the joint clip works in replicated mode too.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
+import _common as C
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -11,13 +11,8 @@ and not the token mean.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _common as C
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

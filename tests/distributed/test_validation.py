@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _common as C
 import pytest
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-from loramoe_ds.config import AdapterConfig  # noqa: E402
-from loramoe_ds.parallel.groups import ep_layout, validate_ep  # noqa: E402
+from loramoe_ds.config import AdapterConfig
+from loramoe_ds.parallel.groups import ep_layout, validate_ep
 
 pytestmark = pytest.mark.distributed
 

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from _matmul_dtypes import MatmulDtypes  # noqa: E402
+from _matmul_dtypes import MatmulDtypes
 
 from loramoe_ds.model.experts import ExpertBank, local_mixture
 from loramoe_ds.model.reference import loop_mixture

@@ -25,15 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere
-
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from loramoe_ds.launch import REQUEUE_EXIT_CODE, PreemptionHandler, setup_dist_env  # noqa: E402
+from loramoe_ds.launch import REQUEUE_EXIT_CODE, PreemptionHandler, setup_dist_env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launching import free_port, launch_ranks
 
 from loramoe_ds.launch import (
     REQUEUE_EXIT_CODE,
@@ -310,12 +310,6 @@ def test_submit_rejects_bad_arguments(args, message):
 # Real launches of dist_probe.py
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _probe_env() -> dict[str, str]:
     env = {
         k: v
@@ -358,7 +352,7 @@ def test_mpirun_two_ranks(tmp_path):
 @pytest.mark.distributed
 def test_deepspeed_launcher_two_ranks(tmp_path):
     _run(
-        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
          str(PROBE), "--out", str(tmp_path), "--expect-world", "2"]
     )  # fmt: skip
     recs = _results(tmp_path, 2)
@@ -367,25 +361,11 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
 
 
 def _two_nodes(cmd_for_node, out: Path) -> list[dict]:
-    procs = [
-        subprocess.Popen(
-            cmd_for_node(i),
-            cwd=REPO,
-            env=_probe_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in (0, 1)
-    ]
-    try:
-        logs = [p.communicate(timeout=PROC_TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    results = launch_ranks(
+        [cmd_for_node(i) for i in (0, 1)], [_probe_env()] * 2, timeout=PROC_TIMEOUT, cwd=REPO
+    )
+    for code, log in results:
+        assert code == 0, log[-3000:]
     recs = _results(out, 2)
     assert [(r["node_rank"], r["local_rank"], r["num_nodes"]) for r in recs] == [
         (0, 0, 2),
@@ -399,7 +379,7 @@ def _two_nodes(cmd_for_node, out: Path) -> list[dict]:
 def test_two_nodes_deepspeed_hostfile_no_ssh(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     out = tmp_path / "out"
     recs = _two_nodes(
         lambda i: [
@@ -426,7 +406,7 @@ def test_two_nodes_deepspeed_hostfile_no_ssh(tmp_path):
 
 @pytest.mark.distributed
 def test_two_nodes_torchrun(tmp_path):
-    port = str(_free_port())
+    port = str(free_port())
     recs = _two_nodes(
         lambda i: [
             str(BIN / "torchrun"),
@@ -573,7 +553,7 @@ def test_ds_config_trains_two_cpu_ranks(tmp_path, name):
     # Client torch AdamW, gloo, no op compile (offload: zero_force_ds_cpu_optimizer=false).
     config = str(REPO / "ds_configs" / f"{name}.json")
     _run(
-        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
          str(PROBE), "--out", str(tmp_path), "--ds-config", config]
     )  # fmt: skip
     recs = _results(tmp_path, 2)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port, launch_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "launcher" / "train.py")
@@ -48,13 +49,13 @@ def _run(cmd: list[str], expect: int = 0, timeout: int = 300) -> str:
     return out
 
 
-def _deepspeed(out: Path, port: int, extra=(), expect=0, steps=6) -> str:
+def _deepspeed(out: Path, extra=(), expect=0, steps=6) -> str:
     cmd = [
         str(BIN / "deepspeed"),
         "--num_gpus",
         "2",
         "--master_port",
-        str(port),
+        str(free_port()),
         TRAIN,
         "--config",
         CONFIG,
@@ -72,7 +73,7 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref")
-    _deepspeed(out, 29611)
+    _deepspeed(out)
     return out
 
 
@@ -93,13 +94,13 @@ def test_adapter_loads_without_deepspeed(reference_run):
     """The exported adapter reproduces itself on a fresh tiny base in a plain process."""
     code = f"""
 import sys, json, torch
-from loramoe_ds.run_config import load_run_config
-from loramoe_ds.run import _hf_config, _from_config
+from loramoe_ds.config import load_run_config
+from loramoe_ds.base_model import hf_config, from_config
 from loramoe_ds import load_adapter
 run = load_run_config({CONFIG!r})
-cfg, _ = _hf_config(run)
+cfg, _ = hf_config(run)
 torch.manual_seed(run.train.seed)
-base = _from_config(cfg)
+base = from_config(cfg)
 m = load_adapter(base, {str(reference_run / "adapter")!r})
 n = sum(p.abs().sum().item() for n_, p in m.adapter_named_parameters() if "lora_B" in n_)
 assert n > 0, "experts were not trained"
@@ -122,10 +123,10 @@ print(json.dumps({{"experts": m.total_experts()}}))
 def test_stop_and_resume_equals_uninterrupted(reference_run, tmp_path):
     """Preempted after 4 steps (exit 75), resumed to 6: same losses, no step lost or repeated."""
     out = tmp_path / "resumed"
-    log = _deepspeed(out, 29621, extra=["--stop-after", "4"], expect=75)
+    log = _deepspeed(out, extra=["--stop-after", "4"], expect=75)
     assert "preempted" in log
     assert sorted(_losses(out)) == [1, 2, 3, 4]
-    _deepspeed(out, 29622)
+    _deepspeed(out)
     got, ref = _losses(out), _losses(reference_run)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in ref:
@@ -142,7 +143,7 @@ def test_torchrun_and_mpirun_match_deepspeed(reference_run, tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29631",
+            str(free_port()),
             TRAIN,
             "--config",
             CONFIG,
@@ -163,7 +164,7 @@ def test_torchrun_and_mpirun_match_deepspeed(reference_run, tmp_path):
                 "-x",
                 "MASTER_ADDR=127.0.0.1",
                 "-x",
-                "MASTER_PORT=29641",
+                f"MASTER_PORT={free_port()}",
                 sys.executable,
                 TRAIN,
                 "--config",
@@ -185,24 +186,31 @@ def test_two_nodes_on_loopback_match_single_node(reference_run, tmp_path):
     """Two 'nodes' (torchrun --nnodes 2, node ranks 0 and 1, one rank each) meet on
     127.0.0.1 and run the same job: same losses as the single-node launch."""
     out = tmp_path / "two_nodes"
-    procs = []
-    for node in (0, 1):
-        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", "29651",
-               TRAIN, "--config", CONFIG, *_overrides(out)]  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
-        )
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    port = str(free_port())
+    cmds = [
+        [
+            str(BIN / "torchrun"),
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            TRAIN,
+            "--config",
+            CONFIG,
+            *_overrides(out),
+        ]  # fmt: skip
+        for node in (0, 1)
+    ]
+    results = launch_ranks(cmds, [_env(), _env()], timeout=300, cwd=ROOT)
+    logs = [log for _, log in results]
+    for code, log in results:
+        assert code == 0, log[-4000:]
     assert "[dist] node 0/2" in logs[0] and "[dist] node 1/2" in logs[1]
     got, ref = _losses(out), _losses(reference_run)
     assert sorted(got) == sorted(ref)
@@ -273,7 +281,7 @@ def test_bad_record_fails_before_the_model_loads(tmp_path):
 def test_bad_record_on_two_ranks(tmp_path):
     """2 ranks: rank 0 validates, the other rank gets its verdict; both exit 2, one line each."""
     bad = _bad_data(tmp_path)
-    log = _deepspeed(tmp_path / "out", 29671, extra=[f"data.train_files=[{bad}]"], expect=2)
+    log = _deepspeed(tmp_path / "out", extra=[f"data.train_files=[{bad}]"], expect=2)
     # (the two ranks' stderr lines may interleave, so count the message)
     assert log.count(f"error: {bad}:3: missing field 'output'") == 2, log[-3000:]
     assert "Traceback" not in log and not (tmp_path / "out" / "metrics.csv").exists()
@@ -285,7 +293,7 @@ def test_packed_checkpointed_token_mean_run(tmp_path):
     and metrics.csv logs the step's token-mean LM loss and its padding fraction."""
     out = tmp_path / "packed"
     extra = ["data.packing=true", "train.activation_checkpointing=true", "train.grad_accum=2"]
-    _deepspeed(out, 29661, extra=extra, steps=3)
+    _deepspeed(out, extra=extra, steps=3)
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
@@ -297,7 +305,7 @@ def test_packed_checkpointed_token_mean_run(tmp_path):
 
 def test_packed_smollm2_config_plans_for_two_ranks():
     """configs/smollm2_packed.yaml: packing, activation checkpointing, token mean; EP 2 on 2."""
-    from loramoe_ds.run_config import load_run_config
+    from loramoe_ds.config import load_run_config
 
     run = load_run_config(ROOT / "configs" / "smollm2_packed.yaml")
     assert run.data.packing and run.train.activation_checkpointing

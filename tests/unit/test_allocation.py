@@ -81,7 +81,7 @@ def test_topk_needs_enough_experts_per_layer():
 
 
 def test_from_dict_rejects_unknown_field():
-    with pytest.raises(ValueError, match="unknown adapter field.*'ranks'"):
+    with pytest.raises(ValueError, match="section 'adapter': unknown field.*'ranks'"):
         AdapterConfig.from_dict({"ranks": 4})
     cfg = AdapterConfig(num_experts=[2, 4])
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
@@ -108,7 +108,7 @@ def test_realistic_int_counts_are_counts(n):
 
 def test_suggested_spellings_give_the_pattern():
     """Both spellings the message suggests resolve to the MoLA pattern, from YAML and CLI."""
-    from loramoe_ds.run_config import load_run_config
+    from loramoe_ds.config import load_run_config
 
     want = experts_per_layer("2468", 8)
     assert want == [2, 2, 4, 4, 6, 6, 8, 8]
@@ -116,16 +116,16 @@ def test_suggested_spellings_give_the_pattern():
     assert experts_per_layer(cli.num_experts, 8) == want
     quoted = load_run_config(None, ['adapter.num_experts="2468"']).adapter
     assert experts_per_layer(quoted.num_experts, 8) == want
-    with pytest.raises(ValueError, match="overrides: adapter: num_experts=2468 is ambiguous"):
+    with pytest.raises(ValueError, match="overrides: adapter.num_experts=2468 is ambiguous"):
         load_run_config(None, ["adapter.num_experts=2468"])
 
 
 def test_unquoted_yaml_pattern_is_rejected_quoted_is_read(tmp_path):
-    from loramoe_ds.run_config import load_run_config
+    from loramoe_ds.config import load_run_config
 
     p = tmp_path / "run.yaml"
     p.write_text("adapter:\n  num_experts: 8642\n")
-    with pytest.raises(ValueError, match=r"run.yaml: adapter: num_experts=8642 is ambiguous"):
+    with pytest.raises(ValueError, match=r"run.yaml: adapter.num_experts=8642 is ambiguous"):
         load_run_config(p)
     p.write_text("adapter:\n  num_experts: '8642'\n")
     assert load_run_config(p).adapter.layer_experts(4) == [8, 6, 4, 2]

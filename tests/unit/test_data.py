@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tok import tiny_tokenizer
 
 from loramoe_ds.data import (
     IGNORE_INDEX,
@@ -18,6 +17,7 @@ from loramoe_ds.data import (
     load_tokenized,
 )
 from loramoe_ds.data import tokenize as tokenize_mod
+from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
 RECORDS = [
     {"instruction": "What is the capital of France?", "output": "Paris", "task_type": 1},
@@ -254,7 +254,7 @@ def test_config_validation() -> None:
 
 def test_run_config_data_section_is_data_config() -> None:
     """One type, one name per field: the run's ``data:`` section is the pipeline's DataConfig."""
-    from loramoe_ds.run_config import RunConfig
+    from loramoe_ds.config import RunConfig
 
     run = RunConfig.from_dict({"data": {"max_length": 64, "packing": True, "template": "plain"}})
     assert type(run.data) is DataConfig

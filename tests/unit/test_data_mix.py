@@ -150,7 +150,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tok():
-    from _tok import tiny_tokenizer
+    from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
     return tiny_tokenizer(chat=True)
 
@@ -238,7 +238,7 @@ def test_record_without_task_type_needs_a_dataset_one(tmp_path, tok) -> None:
 
 
 def test_run_config_reads_a_mix_from_yaml_values() -> None:
-    from loramoe_ds.run_config import RunConfig
+    from loramoe_ds.config import RunConfig
 
     a = {"path": "a.jsonl", "weight": "2", "task_type": "knowledge"}
     b = {"path": "b.parquet", "weight": 1, "format": "sharegpt"}

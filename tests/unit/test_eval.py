@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tok import tiny_tokenizer
 
-from loramoe_ds import AdapterConfig, inject
+from loramoe_ds import AdapterConfig, inject, save_adapter
 from loramoe_ds.data import DataConfig
 from loramoe_ds.eval import (
     PromptEncoder,
@@ -27,6 +26,7 @@ from loramoe_ds.eval import (
 )
 from loramoe_ds.model.losses import knowledge_group
 from loramoe_ds.tiny import tiny_model
+from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -338,7 +338,7 @@ def test_adapter_dir_evaluation_equals_in_memory(tmp_path):
     tok.save_pretrained(base_dir)
     model = inject(tiny_model("llama", vocab_size=len(tok)), AdapterConfig(rank=2, dropout=0.0))
     _randomise_adapter(model.eval())
-    model.save_adapter(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     kf, df = _write_eval_files(tmp_path)
     kw = dict(knowledge_file=kf, downstream_file=df, batch_size=2)
     kw.update(knowledge_max_new_tokens=4, downstream_max_new_tokens=4)
@@ -366,7 +366,7 @@ def test_launcher_writes_results_plots_and_compares(tmp_path, capsys):
     base, tok = _setup()
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    inject(base, AdapterConfig(rank=2, dropout=0.0)).save_adapter(tmp_path / "adapter")
+    save_adapter(inject(base, AdapterConfig(rank=2, dropout=0.0)), tmp_path / "adapter")
     kf, df = _write_eval_files(tmp_path)
     cli = _launcher()
     common = ["--model", str(tmp_path / "base"), "--knowledge", str(kf), "--downstream", str(df)]

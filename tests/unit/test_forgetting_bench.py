@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
+import fact_world as fw
+import fact_world_train as fwt
+import forgetting as fb
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import fact_world as fw  # noqa: E402
-import fact_world_train as fwt  # noqa: E402
-import forgetting as fb  # noqa: E402
 
 
 @pytest.fixture(scope="module")

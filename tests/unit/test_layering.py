@@ -9,6 +9,9 @@
   defers the cycle to the first call, and two modules that need each other are
   one concept split in two. The implicit import of a parent package's
   ``__init__`` is not an edge (every submodule has it; Python handles it).
+* Nothing outside ``tests/`` (the package, ``launcher/``, ``bench/``,
+  ``tools/``) imports test code or puts ``tests/`` on ``sys.path``; the package
+  imports neither ``bench`` nor ``tools``.
 * Docs and code cite only documents inside the repository, and every
   ``docs/design.md, "Section"`` citation names a heading of docs/design.md.
 """
@@ -178,9 +181,57 @@ def test_cycle_finder_finds_a_lazy_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+# -- tests, bench and tools ---------------------------------------------------------
+OUTSIDE_TESTS = ("loramoe_ds", "launcher", "bench", "tools")
+
+
+def _test_module_names() -> set[str]:
+    """Names a ``tests/`` module is importable by (via pytest's ``pythonpath``)."""
+    return {"tests"} | {p.stem for p in (ROOT / "tests").rglob("*.py")} - {"__init__", "conftest"}
+
+
+def _imports_outside_tests() -> list[tuple[Path, int, str]]:
+    out = []
+    for entry in OUTSIDE_TESTS:
+        for p in sorted((ROOT / entry).rglob("*.py")):
+            out += [(p, line, dotted) for line, dotted in _imports(p)]
+    return out
+
+
+def test_bench_and_tools_are_scanned():
+    files = {p.relative_to(ROOT).parts[0] for p, _, _ in _imports_outside_tests()}
+    assert {"bench", "tools", "launcher", "loramoe_ds"} <= files
+
+
+def test_nothing_outside_tests_imports_tests():
+    names = _test_module_names()
+    assert {"tests", "_common", "launching"} <= names
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {dotted}"
+        for p, line, dotted in _imports_outside_tests()
+        if dotted.split(".")[0] in names
+    ]
+    for entry in OUTSIDE_TESTS:
+        for p in sorted((ROOT / entry).rglob("*.py")):
+            for n, text in enumerate(p.read_text().splitlines(), 1):
+                if "sys.path" in text and '"tests"' in text:
+                    bad.append(f"{p.relative_to(ROOT)}:{n}: {text.strip()}")
+    assert not bad, "code outside tests/ must not depend on tests/: " + ", ".join(bad)
+
+
+def test_package_imports_neither_bench_nor_tools():
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {dotted}"
+        for p in sorted(PKG.rglob("*.py"))
+        for line, dotted in _imports(p)
+        if dotted.split(".")[0] in ("bench", "tools")
+    ]
+    assert not bad, "loramoe_ds must not import bench/ or tools/: " + ", ".join(bad)
+
+
 # -- references ----------------------------------------------------------------
 TEXT_SUFFIXES = {".py", ".md", ".sh", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".sbatch"}
-SCANNED = ("loramoe_ds", "launcher", "bench", "docs", "slurm", "configs", "README.md")
+SCANNED = ("loramoe_ds", "launcher", "bench", "tools", "docs", "slurm", "configs", "README.md")
 # Documents that are not in this repository (design notes, style guides, platform
 # notes of the environment the project was written in).
 OUTSIDE_DOCS = re.compile(r"\.\./shared|(?<![\w.])(?:DESIGN|STYLE|PLATFORM)(?:\.md)?\b")

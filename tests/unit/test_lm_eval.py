@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from _tok import tiny_tokenizer
 
 from loramoe_ds.config import AdapterConfig
 from loramoe_ds.data import demo_path
 from loramoe_ds.eval.harness import SHIPPED_TASKS, run_lm_eval
 from loramoe_ds.model.inject import inject
 from loramoe_ds.tiny import tiny_model
+from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
 LIMIT = 6
 

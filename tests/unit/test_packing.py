@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tok import tiny_tokenizer
 
 from loramoe_ds.data import (
     IGNORE_INDEX,
@@ -24,6 +23,7 @@ from loramoe_ds.data import (
     pack_first_fit_decreasing,
     padding_stats,
 )
+from loramoe_ds.tiny import tiny_sp_tokenizer as tiny_tokenizer
 
 
 # ----------------------------------------------------------------------------- packer

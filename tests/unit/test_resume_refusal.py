@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from loramoe_ds.config import load_run_config
 from loramoe_ds.parallel.checkpoint import CHECKPOINT_FORMAT, META, base_identity, check_compatible
-from loramoe_ds.run import make_plan
-from loramoe_ds.run_config import load_run_config
+from loramoe_ds.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "tiny.yaml")

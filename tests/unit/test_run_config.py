@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loramoe_ds.run_config import load_ds_config, load_run_config, resolve_ds_config
+from loramoe_ds.config import load_ds_config, load_run_config, resolve_ds_config
 
 
 def _write(tmp_path, text, name="run.yaml"):
@@ -26,7 +26,7 @@ def test_yaml_with_overrides(tmp_path):
     [
         ("trian:\n  lr: 1\n", "unknown section.*'trian'"),
         ("train:\n  learning_rate: 1\n", "section 'train'.*unknown field.*learning_rate"),
-        ("adapter:\n  router: dense\n", r"run.yaml: adapter: router='dense'"),
+        ("adapter:\n  router: dense\n", r"run.yaml: adapter\.router='dense'"),
         ("train:\n  precision: fp16\n", "precision='fp16'"),
         ("- a\n- b\n", "top level must be a mapping"),
     ],
@@ -125,7 +125,7 @@ def test_coercion_is_generic_over_any_dataclass():
     """A section class no test names (e.g. a replaced data section) is coerced the same way."""
     from dataclasses import dataclass, field
 
-    from loramoe_ds.coerce import coerce_fields
+    from loramoe_ds.config.coerce import coerce_fields
 
     @dataclass
     class Other:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import specialisation as sp
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import specialisation as sp  # noqa: E402
 
 
 def test_separation_is_layer_mean_of_share_differences():

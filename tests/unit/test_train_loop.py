@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loramoe_ds.metrics import MetricsLogger
-from loramoe_ds.train_loop.metrics import STEP_METRICS, Metric, csv_fields, reduce_step
+from loramoe_ds.train_loop.logger import MetricsLogger
 from loramoe_ds.train_loop.policy import CheckpointPolicy
-from loramoe_ds.train_loop.steps import optimizer_steps
+from loramoe_ds.train_loop.step_batches import step_batches
+from loramoe_ds.train_loop.step_metrics import STEP_METRICS, Metric, csv_fields, reduce_step
 
 
 class _Epochs:
@@ -28,16 +28,16 @@ class _Epochs:
 
 
 def test_steps_group_gas_batches_across_epochs():
-    steps = optimizer_steps(_Epochs(3), gas=2)
+    steps = step_batches(_Epochs(3), gas=2)
     got = [next(steps) for _ in range(4)]
     assert got == [[(0, 0), (0, 1)], [(0, 2), (1, 0)], [(1, 1), (1, 2)], [(2, 0), (2, 1)]]
 
 
 def test_steps_resume_at_the_end_of_an_epoch_and_refuse_empty_data():
-    steps = optimizer_steps(_Epochs(2, pos=2), gas=1)  # resumed exactly at an epoch end
+    steps = step_batches(_Epochs(2, pos=2), gas=1)  # resumed exactly at an epoch end
     assert [next(steps) for _ in range(2)] == [[(1, 0)], [(1, 1)]]
     with pytest.raises(ValueError, match="no batch"):
-        next(optimizer_steps(_Epochs(0), gas=1))
+        next(step_batches(_Epochs(0), gas=1))
 
 
 def test_policy_saves_periodically_at_the_end_and_on_preemption():

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from loramoe_ds.config import load_run_config, resolve_ds_config
 from loramoe_ds.data import DataConfig, DataError
 from loramoe_ds.data.records import DataStats, iter_records
-from loramoe_ds.run_config import load_run_config, resolve_ds_config
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md").read_text()
 
@@ -27,8 +27,8 @@ CONFIG_CASES = [
     (["train.min_lr_ratio=2"], "must be in [0, 1]"),
     (["adapter.num_experts=2468"], "is ambiguous: an int means 2468 experts on every layer"),
     (["adapter.num_experts=2x"], "invalid expert pattern '2x'"),
-    (["adapter.router=dense"], "valid values are ['soft', 'topk']"),
-    (["adapter.capacity_factor=1.0"], "capacity_factor is only meaningful with router='topk'"),
+    (["adapter.router=dense"], "valid values ['soft', 'topk']"),
+    (["adapter.capacity_factor=1.0"], "only meaningful with router='topk'"),
     (["model.name=tiny-gpt"], "tiny models are tiny-llama, tiny-qwen2, tiny-mistral"),
     (["train.global_batch_size=10"], "train.global_batch_size=10 but micro_batch_size"),
 ]

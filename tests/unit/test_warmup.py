@@ -80,8 +80,8 @@ def test_deepspeed_builds_it_from_the_plan_settings():
 
 
 def test_make_plan_uses_it():
-    from loramoe_ds.run import make_plan
-    from loramoe_ds.run_config import load_run_config
+    from loramoe_ds.config import load_run_config
+    from loramoe_ds.plan import make_plan
 
     run = load_run_config(None, ["model.name=tiny-llama", "train.warmup_steps=4", "train.lr=1e-3"])
     plan = make_plan(run, {}, world_size=1, rank=0)

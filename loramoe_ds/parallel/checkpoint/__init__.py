@@ -68,7 +68,6 @@ from loramoe_ds.parallel.checkpoint.format import (
 from loramoe_ds.parallel.checkpoint.state import (
     full_adapter_state,
     full_optimizer_state,
-    load_full_state,
 )
 from loramoe_ds.parallel.checkpoint.store import export_adapter, load_checkpoint, save_checkpoint
 
@@ -89,7 +88,6 @@ __all__ = [
     "full_optimizer_state",
     "latest_tag",
     "load_checkpoint",
-    "load_full_state",
     "prune_checkpoints",
     "read_meta",
     "save_checkpoint",

@@ -21,22 +21,6 @@ from loramoe_ds.parallel.checkpoint.format import base_identity
 from loramoe_ds.parallel.zero_state import ADAM_KEYS
 
 
-def load_full_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy a full adapter state into an injected, not yet sharded model."""
-    params = dict(model.adapter_named_parameters())
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"init_state: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            if tuple(p.shape) != tuple(state[n].shape):
-                raise ValueError(
-                    f"init_state: {n} has shape {tuple(state[n].shape)}, model {p.shape}"
-                )
-            p.copy_(state[n].to(p.dtype))
-
-
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().cpu().clone()
 

@@ -19,7 +19,12 @@ import torch
 import torch.distributed as dist
 
 from loramoe_ds.io import atomic_dir, atomic_write_text
-from loramoe_ds.model.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from loramoe_ds.model.adapter_io import (
+    ADAPTER_WEIGHTS,
+    adapter_config_dict,
+    save_adapter,
+    write_adapter_files,
+)
 from loramoe_ds.parallel.checkpoint.format import (
     CHECKPOINT_FORMAT,
     LATEST,
@@ -81,8 +86,6 @@ def save_checkpoint(trainer, directory: str | Path, client_state: dict | None) -
     Returns:
         ``<directory>/global_step{N}``.
     """
-    from safetensors.torch import save_file
-
     root, rank, e = Path(directory), trainer.groups.rank, trainer.engine
     tag = tag_name(trainer.global_step)
     params = full_adapter_state(trainer)
@@ -112,9 +115,7 @@ def save_checkpoint(trainer, directory: str | Path, client_state: dict | None) -
                 **current_topology(trainer),
             }
             with atomic_dir(root / tag) as tmp:
-                save_file(params, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-                cfg = trainer.model.adapter_config_dict()
-                (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+                write_adapter_files(tmp, params, adapter_config_dict(trainer.model))
                 torch.save(optim, tmp / OPTIMIZER)
                 torch.save(state, tmp / TRAINER_STATE)
                 (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -169,6 +170,6 @@ def export_adapter(trainer, path: str | Path) -> Path:
     """Write the full adapter (safetensors + JSON) from rank 0 (collective)."""
     state = full_adapter_state(trainer)
     if trainer.groups.rank == 0:
-        trainer.model.save_adapter(path, state=state)
+        save_adapter(trainer.model, path, state=state)
     _barrier()
     return Path(path)

@@ -1,4 +1,4 @@
-"""Configuration of the instruction-data pipeline (also the ``data:`` section of a run config)."""
+"""The ``data:`` section: how instruction records are read, validated, tokenised and batched."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from loramoe_ds.config.fields import check_choice
 
 TEMPLATES = ("auto", "chat", "plain")
 """Valid values of :attr:`DataConfig.template`."""
@@ -32,7 +34,7 @@ def _is_number(x: object) -> bool:
 
 
 @dataclass
-class DatasetSpec:
+class DatasetConfig:
     """One dataset of a training mix (an entry of ``data.datasets``)."""
 
     path: str
@@ -54,8 +56,7 @@ class DatasetSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"data.datasets.path={self.path!r}: must be a non-empty string")
-        if self.format not in FORMATS:
-            raise ValueError(f"data.datasets.format={self.format!r}: valid values {list(FORMATS)}")
+        check_choice("data.datasets.format", self.format, FORMATS)
         tt = self.task_type
         if (
             tt is not None
@@ -78,7 +79,7 @@ class DataConfig:
     ``task_type`` 1 is world knowledge and 0 is a downstream task (LoRAMoE's two
     expert groups), per record or per dataset.
     The same type is the ``data:`` section of
-    :class:`~loramoe_ds.run_config.RunConfig`: every field below is a YAML key.
+    :class:`~loramoe_ds.config.RunConfig`: every field below is a YAML key.
     """
 
     train_files: list[str] = field(default_factory=lambda: ["demo"])
@@ -86,9 +87,9 @@ class DataConfig:
     records for a training run; ``demo`` means the shipped demo mix.
     (:func:`~loramoe_ds.data.build_dataloader` takes its paths as an argument.)"""
 
-    datasets: list[DatasetSpec] = field(default_factory=list)
+    datasets: list[DatasetConfig] = field(default_factory=list)
     """A training mix: ``[{path, format, task_type, weight}, ...]``
-    (:class:`DatasetSpec`). When given, ``train_files`` is set to the datasets'
+    (:class:`DatasetConfig`). When given, ``train_files`` is set to the datasets'
     paths (giving both with different paths is an error); when empty,
     ``train_files`` is the mix, each file with ``format`` and no weight."""
 
@@ -165,7 +166,7 @@ class DataConfig:
         specs = []
         for i, d in enumerate(self.datasets):
             try:
-                specs.append(d if isinstance(d, DatasetSpec) else DatasetSpec(**dict(d)))
+                specs.append(d if isinstance(d, DatasetConfig) else DatasetConfig(**dict(d)))
             except (TypeError, ValueError) as e:
                 msg = str(e).replace("data.datasets.", f"data.datasets[{i}].")
                 if not msg.startswith("data."):
@@ -185,10 +186,8 @@ class DataConfig:
                     "datasets, not both"
                 )
             self.train_files = paths
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format={self.format!r}: valid values {list(FORMATS)}")
-        if self.loss_on not in LOSS_ON:
-            raise ValueError(f"data.loss_on={self.loss_on!r}: valid values {list(LOSS_ON)}")
+        check_choice("data.format", self.format, FORMATS)
+        check_choice("data.loss_on", self.loss_on, LOSS_ON)
         if not self.train_files or not all(isinstance(f, str) and f for f in self.train_files):
             raise ValueError(
                 f"data.train_files={self.train_files!r}: give a list of one or more files "
@@ -205,8 +204,7 @@ class DataConfig:
                 f"data.task_type_names={self.task_type_names!r}: must map names to 0 or 1"
             )
         self.task_type_names = {**DEFAULT_TASK_TYPE_NAMES, **self.task_type_names}
-        if self.template not in TEMPLATES:
-            raise ValueError(f"data.template={self.template!r}: valid values {list(TEMPLATES)}")
+        check_choice("data.template", self.template, TEMPLATES)
         for name, value in self.task_type_names.items():
             if not isinstance(name, str) or value not in (0, 1) or isinstance(value, bool):
                 raise ValueError(
@@ -230,7 +228,7 @@ class DataConfig:
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers!r}: must be an int >= 0")
 
-    def dataset_specs(self, paths: Sequence[str | os.PathLike[str]]) -> list[DatasetSpec]:
+    def dataset_specs(self, paths: Sequence[str | os.PathLike[str]]) -> list[DatasetConfig]:
         """The datasets to read for ``paths`` (the caller's resolved ``train_files``).
 
         With ``datasets`` set and one path per dataset, dataset ``i`` is read
@@ -241,4 +239,4 @@ class DataConfig:
         paths = [str(p) for p in paths]
         if self.datasets and len(self.datasets) == len(paths):
             return [dataclasses.replace(d, path=p) for d, p in zip(self.datasets, paths)]
-        return [DatasetSpec(path=p, format=self.format) for p in paths]
+        return [DatasetConfig(path=p, format=self.format) for p in paths]

@@ -18,13 +18,13 @@ class MetricsLogger:
         out_dir: Run output directory (``metrics.csv`` and ``tb/`` go there).
         enabled: False on non-zero ranks.
         fields: CSV columns, ``step`` first (the loop passes
-            :func:`loramoe_ds.train_loop.metrics.csv_fields`).
+            :func:`loramoe_ds.train_loop.step_metrics.csv_fields`).
     """
 
     def __init__(
         self, out_dir: str | Path, enabled: bool = True, fields: Sequence[str] | None = None
     ):
-        from loramoe_ds.train_loop.metrics import csv_fields
+        from loramoe_ds.train_loop.step_metrics import csv_fields
 
         self.enabled = enabled
         self.fields = tuple(fields) if fields is not None else csv_fields()

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 
-def optimizer_steps(loader: Iterable[dict[str, Any]], gas: int) -> Iterator[list[dict[str, Any]]]:
+def step_batches(loader: Iterable[dict[str, Any]], gas: int) -> Iterator[list[dict[str, Any]]]:
     """Yield lists of ``gas`` consecutive micro-batches, running through epochs forever.
 
     Iterating ``loader`` once is one epoch (the resumable loaders of

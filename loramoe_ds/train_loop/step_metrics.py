@@ -4,7 +4,7 @@ Shape legend: B rows per micro-batch, S positions, W ranks, G GAS micro-batches.
 
 Every logged quantity is one :class:`Metric` in :data:`STEP_METRICS`: its name
 (the ``metrics.csv`` column and TensorBoard tag), how to read it from a
-micro-batch's model output (:class:`~loramoe_ds.model.inject.LoRAMoEOutput`) and
+micro-batch's model output (:class:`~loramoe_ds.model.lm.LoRAMoEOutput`) and
 batch, and how the W*G per-micro-batch values of a step combine. Adding an
 auxiliary loss or a packing statistic is one line here: the CSV header, the
 TensorBoard tags, the progress bar and the cross-rank reduction follow.

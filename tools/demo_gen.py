@@ -1,7 +1,7 @@
 """Generates the shipped demo data under ``loramoe_ds/data/demo/``.
 
-``python -m loramoe_ds.data.demo_gen`` writes (all text written here, all
-randomness seeded):
+``python tools/demo_gen.py`` (or ``python -m tools.demo_gen`` from the
+repository root) writes (all text written here, all randomness seeded):
 
 * ``eval_knowledge.jsonl`` / the knowledge part of ``train.jsonl``: closed-book
   QA facts (task_type 1) that the base SmolLM2-135M-Instruct answers correctly
@@ -41,7 +41,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "loramoe_ds" / "data" / "demo"
 SEED = 1234
 
 # --------------------------------------------------------------------------- facts
@@ -488,7 +488,7 @@ def verify_with_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loramoe_ds.data.config import DataConfig
+    from loramoe_ds.config import DataConfig
     from loramoe_ds.data.tokenize import PromptFormatter
 
     tok = AutoTokenizer.from_pretrained(model_dir)

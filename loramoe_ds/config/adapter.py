@@ -1,7 +1,8 @@
 """Adapter configuration: which linears get experts, how many, how they are routed.
 
 Every field is documented and validated in ``__post_init__``; an invalid value
-raises ``ValueError`` naming the field, the value and what would be valid.
+raises ``ValueError("adapter.field=value: ...")`` naming the field, the value and
+what would be valid.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loramoe_ds.allocation import check_uniform_count, experts_per_layer, parse_pattern
-from loramoe_ds.coerce import coerce_fields
+from loramoe_ds.config.fields import check_choice, section_from_dict
 
 ROUTERS = ("soft", "topk")
 LBC_VARIANTS = ("published", "intended")
@@ -121,55 +122,58 @@ class AdapterConfig:
             isinstance(t, str) and t for t in self.target_modules
         ):
             raise ValueError(
-                f"target_modules={self.target_modules!r}: give one or more non-empty "
+                f"adapter.target_modules={self.target_modules!r}: give one or more non-empty "
                 f"module name suffixes, e.g. {list(LORAMOE_TARGETS)}"
             )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank={self.rank!r}: must be an int >= 1")
+            raise ValueError(f"adapter.rank={self.rank!r}: must be an int >= 1")
         if not self.alpha > 0:
-            raise ValueError(f"alpha={self.alpha!r}: must be > 0")
+            raise ValueError(f"adapter.alpha={self.alpha!r}: must be > 0")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
-        if self.router not in ROUTERS:
-            raise ValueError(f"router={self.router!r}: valid values are {list(ROUTERS)}")
+            raise ValueError(f"adapter.dropout={self.dropout!r}: must be in [0, 1)")
+        check_choice("adapter.router", self.router, ROUTERS)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k!r}: must be an int >= 1")
-        if isinstance(self.num_experts, str):
-            parse_pattern(self.num_experts)  # raises a clear ValueError
-        elif isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool):
-            check_uniform_count(self.num_experts)  # >= 1, and not a pattern such as 2468
-        elif isinstance(self.num_experts, (list, tuple)):
-            self.num_experts = list(self.num_experts)
-            experts_per_layer(self.num_experts, len(self.num_experts))
-        else:
+            raise ValueError(f"adapter.top_k={self.top_k!r}: must be an int >= 1")
+        try:
+            if isinstance(self.num_experts, str):
+                parse_pattern(self.num_experts)  # raises a clear ValueError
+            elif isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool):
+                check_uniform_count(self.num_experts)  # >= 1, and not a pattern such as 2468
+            elif isinstance(self.num_experts, (list, tuple)):
+                self.num_experts = list(self.num_experts)
+                experts_per_layer(self.num_experts, len(self.num_experts))
+            else:
+                raise ValueError(
+                    f"num_experts={self.num_experts!r}: give an int, a per-layer list of ints, "
+                    "or a pattern such as '2468' or 'inverted_triangle'"
+                )
+        except ValueError as e:  # allocation's messages, named adapter.num_experts
+            msg = str(e)
+            named = msg.startswith("num_experts")
             raise ValueError(
-                f"num_experts={self.num_experts!r}: give an int, a per-layer list of ints, "
-                "or a pattern such as '2468' or 'inverted_triangle'"
-            )
-        if self.lbc_variant not in LBC_VARIANTS:
-            raise ValueError(
-                f"lbc_variant={self.lbc_variant!r}: valid values are {list(LBC_VARIANTS)}"
-            )
-        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
-            raise ValueError(
-                f"aux_loss_scope={self.aux_loss_scope!r}: valid values are {list(AUX_LOSS_SCOPES)}"
-            )
+                f"adapter.{msg}" if named else f"adapter.num_experts={self.num_experts!r}: {msg}"
+            ) from e
+        check_choice("adapter.lbc_variant", self.lbc_variant, LBC_VARIANTS)
+        check_choice("adapter.aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         if not 0.0 <= self.lbc_delta < 1.0:
-            raise ValueError(f"lbc_delta={self.lbc_delta!r}: must be in [0, 1)")
+            raise ValueError(f"adapter.lbc_delta={self.lbc_delta!r}: must be in [0, 1)")
         if (
             isinstance(self.null_experts, bool)
             or not isinstance(self.null_experts, int)
             or self.null_experts < 0
         ):
-            raise ValueError(f"null_experts={self.null_experts!r}: must be an int >= 0")
+            raise ValueError(f"adapter.null_experts={self.null_experts!r}: must be an int >= 0")
         for name in ("lbc_beta", "load_balance_coef", "z_loss_coef", "router_supervision_coef"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+                raise ValueError(f"adapter.{name}={getattr(self, name)!r}: must be >= 0")
         if self.capacity_factor is not None:
             if self.router != "topk":
-                raise ValueError("capacity_factor is only meaningful with router='topk'")
+                raise ValueError(
+                    f"adapter.capacity_factor={self.capacity_factor!r}: only meaningful with "
+                    "router='topk'"
+                )
             if not self.capacity_factor > 0:
-                raise ValueError(f"capacity_factor={self.capacity_factor!r}: must be > 0")
+                raise ValueError(f"adapter.capacity_factor={self.capacity_factor!r}: must be > 0")
 
     @property
     def scaling(self) -> float:
@@ -202,8 +206,4 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         """Build from a mapping, rejecting unknown keys with the list of valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown adapter field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**coerce_fields(cls, d, "adapter"))
+        return section_from_dict(cls, d, "adapter")

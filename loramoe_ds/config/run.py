@@ -1,4 +1,6 @@
-"""Run configuration: model, adapter, data, optimisation, parallelism, output.
+"""The run config: the ``model``, ``train``, ``parallel`` and ``output`` sections, the
+whole :class:`RunConfig` (with ``adapter`` from :mod:`.adapter` and ``data`` from
+:mod:`.data`), its loading and its check against the DeepSpeed JSON.
 
 Loaded from YAML or JSON, with ``key=value`` command-line overrides (dotted
 keys: ``train.lr=2e-4 adapter.num_experts=2,4,6,8``). Validated in full -- including
@@ -6,7 +8,7 @@ against the DeepSpeed JSON -- *before* any process group is created, so a typo
 costs seconds, not a queue slot.
 
 Every value is first converted to its field's annotated type
-(:mod:`loramoe_ds.coerce`): YAML ``lr: 2e-4`` (a string to PyYAML) becomes the
+(:mod:`loramoe_ds.config.coerce`): YAML ``lr: 2e-4`` (a string to PyYAML) becomes the
 float 0.0002, ``max_steps: 1e3`` the int 1000, and ``train.lr=abc`` is rejected
 with one line naming the field, the value and the expected type. This is
 generic over the fields of every section class, so a section replaced by
@@ -28,19 +30,15 @@ from typing import Any
 
 import yaml
 
-from loramoe_ds.coerce import coerce_fields
-from loramoe_ds.config import AdapterConfig
-from loramoe_ds.data.config import DataConfig
+from loramoe_ds.config.adapter import AdapterConfig
+from loramoe_ds.config.data import DataConfig
+from loramoe_ds.config.fields import check_choice, section_from_dict
 
 PRECISIONS = ("fp32", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)
 LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
-
-
-def _check_fields(cls, d: dict, where: str) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+"""Valid values of ``train.loss_reduction`` (:mod:`loramoe_ds.parallel.token_mean`)."""
+TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
 @dataclass
@@ -60,8 +58,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ValueError("model.name is empty; use 'smollm2', 'tiny-llama' or a model dir")
-        if self.name.startswith("tiny-") and self.name[5:] not in ("llama", "qwen2", "mistral"):
+            raise ValueError("model.name='': empty; use 'smollm2', 'tiny-llama' or a model dir")
+        if self.name.startswith("tiny-") and self.name[5:] not in TINY_ARCHS:
             raise ValueError(
                 f"model.name={self.name!r}: tiny models are tiny-llama, tiny-qwen2, tiny-mistral"
             )
@@ -75,7 +73,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainSection:
+class TrainConfig:
     """Optimisation."""
 
     micro_batch_size: int = 4
@@ -127,11 +125,7 @@ class TrainSection:
     checkpoint per layer): less activation memory, about one more forward."""
 
     def __post_init__(self) -> None:
-        if self.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(
-                f"train.loss_reduction={self.loss_reduction!r}: valid values "
-                f"{list(LOSS_REDUCTIONS)}"
-            )
+        check_choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(
                 f"train.activation_checkpointing={self.activation_checkpointing!r}: must be "
@@ -149,12 +143,11 @@ class TrainSection:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r}: valid values {list(PRECISIONS)}")
+        check_choice("train.precision", self.precision, PRECISIONS)
 
 
 @dataclass
-class ParallelSection:
+class ParallelConfig:
     """Distribution."""
 
     ep_size: int = 1
@@ -168,12 +161,11 @@ class ParallelSection:
     def __post_init__(self) -> None:
         if self.ep_size < 1:
             raise ValueError(f"parallel.ep_size={self.ep_size}: must be >= 1")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero_stage={self.zero_stage}: valid values 0, 1, 2, 3")
+        check_choice("parallel.zero_stage", self.zero_stage, ZERO_STAGES)
 
 
 @dataclass
-class OutputSection:
+class OutputConfig:
     """Where results go."""
 
     dir: str = "runs/default"
@@ -190,12 +182,10 @@ class OutputSection:
 
     def __post_init__(self) -> None:
         if not self.dir:
-            raise ValueError("output.dir is empty; give an output directory")
-        if self.save_every < 0 or self.keep_checkpoints < 0:
-            raise ValueError(
-                f"output.save_every={self.save_every}, output.keep_checkpoints="
-                f"{self.keep_checkpoints}: must be >= 0"
-            )
+            raise ValueError("output.dir='': empty; give an output directory")
+        for name in ("save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"output.{name}={getattr(self, name)}: must be >= 0")
         if self.log_every < 1:
             raise ValueError(f"output.log_every={self.log_every}: must be >= 1")
 
@@ -207,17 +197,17 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    output: OutputSection = field(default_factory=OutputSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     SECTIONS = {
         "model": ModelConfig,
         "adapter": AdapterConfig,
         "data": DataConfig,
-        "train": TrainSection,
-        "parallel": ParallelSection,
-        "output": OutputSection,
+        "train": TrainConfig,
+        "parallel": ParallelConfig,
+        "output": OutputConfig,
     }
 
     @classmethod
@@ -228,19 +218,10 @@ class RunConfig:
             raise ValueError(f"{where}: unknown section(s) {unknown}; valid: {list(cls.SECTIONS)}")
         kwargs = {}
         for name, sec_cls in cls.SECTIONS.items():
-            sec = d.get(name) or {}
-            if not isinstance(sec, dict):
-                raise ValueError(f"{where}: section {name!r} must be a mapping, got {sec!r}")
-            _check_fields(sec_cls, sec, f"{where}: section {name!r}")
             try:
-                sec = coerce_fields(sec_cls, sec, name)
-            except ValueError as e:  # already names section.field
+                kwargs[name] = section_from_dict(sec_cls, d.get(name) or {}, name)
+            except (ValueError, TypeError) as e:  # the message names section.field
                 raise ValueError(f"{where}: {e}") from e
-            try:
-                kwargs[name] = sec_cls(**sec)
-            except (ValueError, TypeError) as e:
-                named = str(e).startswith(f"{name}.")  # the message already says section.field
-                raise ValueError(f"{where}: {e}" if named else f"{where}: {name}: {e}") from e
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

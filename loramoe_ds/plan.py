@@ -1,0 +1,215 @@
+"""The plan of a training run: everything resolved and checked before any process group.
+
+Configs, the DeepSpeed JSON, expert-parallel divisibility, the base model's
+config and the checkpoint to resume are checked in :func:`make_plan`, on one
+process and in seconds; :meth:`Plan.describe` is what ``--dry-run`` prints.
+The run itself is :mod:`loramoe_ds.run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramoe_ds.base_model import from_config, hf_config
+from loramoe_ds.config import RunConfig, resolve_ds_config
+from loramoe_ds.lr_schedule import LRSchedule, lr_ratio
+from loramoe_ds.model.inject import num_decoder_layers
+from loramoe_ds.parallel.settings import OptimizerSettings
+
+
+@dataclass
+class Plan:
+    """Everything resolved before process groups start."""
+
+    run: RunConfig
+    ds_config: dict[str, Any]
+    world_size: int
+    rank: int
+    num_layers: int
+    experts_per_layer: list[int]
+    model_dir: str | None
+    hf_config: Any
+    gpus_per_node: int | None = None
+    """Ranks per node of the planned topology (``--gpus-per-node``), when known."""
+    param_counts: tuple[int, int, int, int] | None = None
+    """:func:`count_parameters` of this plan (filled by :func:`make_plan`)."""
+
+    @property
+    def optim(self) -> OptimizerSettings:
+        """AdamW settings and joint clip of routers and experts (``train.*``)."""
+        t = self.run.train
+        return OptimizerSettings(
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            router_lr_scale=t.router_lr_scale,
+        )
+
+    @property
+    def lr_schedule(self) -> LRSchedule:
+        """Linear warm-up from lr/W at step 1, cosine decay: every step moves (``train.*``)."""
+        t = self.run.train
+        return LRSchedule(t.max_steps, t.warmup_steps, t.min_lr_ratio)
+
+    def describe(self) -> str:
+        """The human-readable plan printed by ``--dry-run``."""
+        run, W, ep = self.run, self.world_size, self.run.parallel.ep_size
+        ep_groups = [list(range(i * ep, (i + 1) * ep)) for i in range(W // ep)]
+        edp_groups = [list(range(j, W, ep)) for j in range(ep)]
+        n_base, n_router, n_expert, per_linear = self.param_counts or count_parameters(self)
+        bytes_pp = 2 if run.train.precision == "bf16" else 4
+        stage = run.parallel.zero_stage
+        base_rank = n_base * bytes_pp / (W if stage == 3 else 1)
+        # expert params: local shard; fp32 master + 2 Adam moments + grad = 16 B/param
+        expert_rank = n_expert / ep * 16
+        router_rank = n_router * 16 / (W if stage >= 1 else 1)
+        t = run.train
+        lines = [f"world size {W}: {W // ep} expert-parallel group(s) of {ep}"]
+        if self.gpus_per_node:
+            G = self.gpus_per_node
+            lines.append(
+                f"  {W // G} node(s) x {G} GPUs; "
+                + (
+                    "every EP group within one node"
+                    if G % ep == 0
+                    else "EP groups span nodes (expert all-to-all crosses the network; "
+                    "an ep_size dividing the GPUs per node keeps it inside a node)"
+                )
+            )
+        lines += [
+            f"  EP groups  {ep_groups}",
+            f"  EDP groups {edp_groups}",
+            f"model {run.model.name}: {self.num_layers} layers; adapter router={run.adapter.router}"
+            + (f" top_k={run.adapter.top_k}" if run.adapter.router == "topk" else "")
+            + f" rank={run.adapter.rank} targets={list(run.adapter.target_modules)}",
+            f"aux losses ({run.adapter.aux_loss_scope}): LBC {run.adapter.lbc_variant} "
+            f"beta={run.adapter.lbc_beta} delta={run.adapter.lbc_delta}; load balance "
+            f"{run.adapter.load_balance_coef}; z-loss {run.adapter.z_loss_coef}",
+            f"experts per layer {self.experts_per_layer} "
+            f"(total {sum(self.experts_per_layer) * per_linear} over {per_linear} linears/layer;"
+            f" {[e // ep for e in self.experts_per_layer][:8]}... local per EP rank)",
+            f"parameters: frozen base {n_base:,}; trainable routers {n_router:,} + experts "
+            f"{n_expert:,} ({100 * (n_router + n_expert) / max(n_base, 1):.2f}% of base)",
+            f"batch: micro {run.train.micro_batch_size} x grad_accum {run.train.grad_accum} x "
+            f"DP {W} = global {self.ds_config['train_batch_size']}; ZeRO stage {stage}; "
+            f"{run.train.precision}",
+            f"estimated memory per rank: base {base_rank / 2**20:.1f} MiB (ZeRO-{stage}), "
+            f"experts+optimizer {expert_rank / 2**20:.1f} MiB, routers+optimizer "
+            f"{router_rank / 2**20:.2f} MiB (activations extra)",
+            f"steps {t.max_steps}, lr {t.lr}: "
+            + (
+                f"linear warm-up from {t.lr * lr_ratio(1, t.warmup_steps, t.max_steps, 0):.3g} "
+                f"(step 1) to {t.lr:.3g} (step {t.warmup_steps}), "
+                if t.warmup_steps
+                else ""
+            )
+            + f"cosine to {t.lr * t.min_lr_ratio:.3g} (step {t.max_steps}); "
+            f"output {run.output.dir}",
+        ]
+        return "\n".join(lines)
+
+
+def count_parameters(plan: Plan) -> tuple[int, int, int, int]:
+    """(frozen base, router, expert, adapted linears per layer) parameter counts.
+
+    Computed on the ``meta`` device: no memory, no weights loaded.
+    """
+    from loramoe_ds.model.inject import inject
+
+    with torch.device("meta"):
+        base = from_config(plan.hf_config, init_weights=False)
+        n_base = sum(p.numel() for p in base.parameters())
+        model = inject(base, plan.run.adapter)
+    n_router = sum(m.router.weight.numel() for m in model.moe_layers())
+    n_expert = sum(sum(p.numel() for p in m.experts.parameters()) for m in model.moe_layers())
+    per_linear = max(1, len(model.moe_layers()) // max(plan.num_layers, 1))
+    return n_base, n_router, n_expert, per_linear
+
+
+def make_plan(
+    run: RunConfig,
+    ds_user: dict[str, Any],
+    world_size: int,
+    rank: int,
+    gpus_per_node: int | None = None,
+    resume: str | None = None,
+) -> Plan:
+    """Validate everything that needs no process group.
+
+    Also counts the parameters (on the ``meta`` device) and, on rank 0, prints
+    one warning line when the adapter has more parameters than the base model
+    (usually a ``num_experts`` or ``rank`` typo).
+
+    Args:
+        run: The validated run config.
+        ds_user: The user's DeepSpeed JSON (``{}`` when none).
+        world_size: Ranks of the job (or of the planned job, for a dry run).
+        rank: This process's rank.
+        gpus_per_node: Ranks per node of a planned topology (dry run), if known.
+        resume: The launcher's ``--resume`` (``auto``, ``none`` or a checkpoint
+            directory): a checkpoint this topology and config cannot continue is
+            refused here, naming both topologies (:func:`check_resume_plan`).
+
+    Raises:
+        ValueError: Config / DeepSpeed JSON disagreement, an ``ep_size`` that
+            does not divide the world size or some layer's expert count, or a
+            checkpoint to resume that this run cannot continue.
+    """
+    import sys
+
+    from loramoe_ds.parallel.groups import validate_ep
+
+    ds = resolve_ds_config(run, ds_user, world_size)
+    if run.train.precision == "bf16":
+        ds.setdefault("bf16", {})["enabled"] = True
+    hf_cfg, model_dir = hf_config(run)
+    n_layers = num_decoder_layers(hf_cfg)
+    counts = run.adapter.layer_experts(n_layers)
+    if resume not in (None, "none"):
+        check_resume_plan(run, ds, world_size, counts, hf_cfg, resume)
+    validate_ep(run.parallel.ep_size, world_size, counts)
+    plan = Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_cfg, gpus_per_node)
+    plan.param_counts = count_parameters(plan)
+    n_base, n_router, n_expert, _ = plan.param_counts
+    if rank == 0 and n_router + n_expert > n_base:
+        print(
+            f"warning: the adapter has {n_router + n_expert:,} trainable parameters, "
+            f"{(n_router + n_expert) / max(n_base, 1):.1f}x the base model's {n_base:,} "
+            f"(experts per layer {sorted(set(counts))}, rank {run.adapter.rank}, "
+            f"{len(run.adapter.target_modules)} target modules); check adapter.num_experts "
+            "and adapter.rank",
+            file=sys.stderr,
+            flush=True,
+        )
+    return plan
+
+
+def checkpoint_source(run: RunConfig, resume: str) -> Path:
+    """Where ``--resume`` looks: ``output.dir/checkpoints`` for ``auto``, else the directory."""
+    return Path(run.output.dir) / "checkpoints" if resume == "auto" else Path(resume)
+
+
+def check_resume_plan(run, ds, world_size, counts, hf_cfg, resume: str) -> None:
+    """Refuse, before any heavy work, a checkpoint this run cannot continue.
+
+    Reads only the checkpoint's JSON (:func:`loramoe_ds.parallel.checkpoint.check_resume`);
+    nothing to resume (``auto`` without ``latest``) passes.
+    """
+    from loramoe_ds.parallel.checkpoint import base_identity, check_resume
+
+    now = {
+        "world_size": world_size,
+        "ep_size": run.parallel.ep_size,
+        "experts_per_layer": counts,
+        "adapter": run.adapter.to_dict(),
+        "base": base_identity(hf_cfg),
+        "train_batch_size": int(ds["train_batch_size"]),
+    }
+    src = checkpoint_source(run, resume)
+    if resume != "auto" and not src.is_dir():
+        raise ValueError(f"--resume {resume}: no such checkpoint directory")
+    check_resume(src, now)
