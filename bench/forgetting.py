@@ -147,16 +147,25 @@ def format_paired(rows: Sequence[dict], a: str, b: str) -> str:
     lines = [
         f"Paired per seed, {a} minus {b} (points, mean ± std over seeds):",
         "",
-        "| data | seeds | LL-rank | LL vs pool | generation | downstream gain |",
-        "|---|---|---|---|---|---|",
+        "| data | seeds | LL-rank | LL vs pool | generation | downstream gain "
+        "| generation, gain in standard errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['size']}x | {len(r['seeds'])} | {fmt(r['ll'], sign=True)} | "
             f"{fmt(r['ll_pool'], sign=True)} | {fmt(r['gen'], sign=True)} | "
-            f"{fmt(r['gain'], 1.0, True)} |"
+            f"{fmt(r['gain'], 1.0, True)} | {in_se(r['gen'])}, {in_se(r['gain'])} |"
         )
     return "\n".join(lines)
+
+
+def in_se(ms: tuple[float | None, float | None, int]) -> str:
+    """The mean difference in standard errors of the mean, ``m / (s / sqrt(n))``."""
+    m, s, n = ms
+    if m is None or n < 2 or not s:
+        return "-"
+    return f"{m / (s / math.sqrt(n)):+.1f}"
 
 
 def fmt(
@@ -249,9 +258,14 @@ def report(out: Path, docs: Path | None, order: Sequence[str]) -> str:
         return "no finished runs yet"
     rows = aggregate(results, base)
     table = format_table(rows, base, order)
-    pair = paired(results, base, "loramoe_intended", "loramoe_published")
-    if pair:
-        table += "\n\n" + format_paired(pair, "intended", "published")
+    for a, b, a_name, b_name in (
+        ("loramoe_intended", "loramoe_published", "intended", "published"),
+        ("loramoe_null_sup", "lora", "null experts + supervision", "LoRA"),
+        ("loramoe_null_sup", "loramoe_intended", "null experts + supervision", "intended LBC"),
+    ):
+        pair = paired(results, base, a, b)
+        if pair:
+            table += "\n\n" + format_paired(pair, a_name, b_name)
     (out / "table.md").write_text(table + "\n")
     write_json_atomic(out / "summary.json", {"base": base, "rows": rows})
     plot(rows, base, (docs or out) / "forgetting.png")

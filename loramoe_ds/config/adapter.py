@@ -192,9 +192,10 @@ class AdapterConfig:
             for i, c in enumerate(counts):
                 if c + self.null_experts < self.top_k:
                     raise ValueError(
-                        f"layer {i} has {c} experts and {self.null_experts} null experts but "
-                        f"top_k={self.top_k}; every layer needs at least top_k router slots "
-                        "(lower top_k or raise num_experts)"
+                        f"layer {i} has {c} experts"
+                        + (f" and {self.null_experts} null experts" if self.null_experts else "")
+                        + f" but top_k={self.top_k}; every layer needs at least top_k router "
+                        "slots (lower top_k or raise num_experts)"
                     )
         return counts
 

@@ -204,21 +204,23 @@ def test_quick_end_to_end_and_resume(tmp_path, capsys):
     args = ["--quick", "--out", str(out), "--sizes", "2", "--seeds", "0"]
     assert fb.main(args) == 0
     files = sorted(p.name for p in (out / "results").glob("*.json"))
-    assert len(files) == 6  # every method, one size
+    assert len(files) == 8  # every method, one size
     r = json.loads((out / "results" / "loramoe_intended__2x__s0.json").read_text())
     assert r["adapter"]["lbc_variant"] == "intended" and r["train"]["lbc_loss_last"] > 0
     assert len(r["shares"]["knowledge"]) == fb.QUICK_PRETRAIN.layers
     n_heldout = len(fw.World(fb.QUICK_WORLD).facts_of("heldout"))
     assert r["knowledge"]["n"] == n_heldout  # every held-out fact scored
     assert (out / "forgetting.png").is_file()
+    rn = json.loads((out / "results" / "loramoe_null_sup__2x__s0.json").read_text())
+    assert rn["adapter"]["null_experts"] == 2 and rn["adapter"]["router_supervision_coef"] > 0
     table = (out / "table.md").read_text()
     main_table, paired_part = table.split("\n\n", 1)
-    assert main_table.count("\n") == 2 + 1 + 6 - 1  # header, rule, base, 6 methods
+    assert main_table.count("\n") == 2 + 1 + 8 - 1  # header, rule, base, 8 methods
     assert "| 2x | 1 |" in paired_part  # intended minus published, the one shared seed
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     capsys.readouterr()
     assert fb.main(args) == 0
-    assert "6 of 6 runs cached; 0 to go" in capsys.readouterr().out
+    assert "8 of 8 runs cached; 0 to go" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == mtimes
 
 
