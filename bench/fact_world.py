@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<user>", "<asst>")
 PAD, BOS, EOS, USER, ASST = range(len(SPECIALS))
@@ -296,7 +300,6 @@ def pretrained_base(
         model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
         info = json.loads((path / "pretrain_info.json").read_text())
         return model.to(device).eval(), info
-    from fact_world_train import lm_loss, lr_factor
 
     model = build_model(world.vocab_size, pcfg).to(device)
     recs = [world.fact_record(f) for f in world.facts]
@@ -326,3 +329,23 @@ def pretrained_base(
         model.save_pretrained(tmp)
         (tmp / "pretrain_info.json").write_text(json.dumps(info))
     return model, info
+
+
+def lr_factor(step: int, total: int, warmup: int, final: float = 0.1) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``final`` (step from 0)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token CE over labelled positions (the same math as ``LoRAMoEModel``)."""
+    import torch
+
+    logits_BSV = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    target_BS = batch["labels"][:, 1:]
+    keep_BS = target_BS != -100
+    return torch.nn.functional.cross_entropy(
+        logits_BSV[:, :-1][keep_BS].float(), target_BS[keep_BS]
+    )

@@ -11,7 +11,6 @@ only the trainable parameters, the peak LR and the adapter's aux loss differ.
 from __future__ import annotations
 
 import copy
-import math
 import random
 import statistics
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fact_world import EOS, World, collate
+from fact_world import EOS, World, collate, lm_loss, lr_factor
 
 FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *FFN_TARGETS)
@@ -72,24 +71,6 @@ def make_methods(
                dict(nolbc, null_experts=NULL, router_supervision_coef=sup)),
     ]  # fmt: skip
     return {m.name: m for m in methods}
-
-
-def lr_factor(step: int, total: int, warmup: int, final: float = 0.1) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``final`` (step from 0)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token CE over labelled positions (the same math as ``LoRAMoEModel``)."""
-    logits_BSV = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    target_BS = batch["labels"][:, 1:]
-    keep_BS = target_BS != -100
-    return torch.nn.functional.cross_entropy(
-        logits_BSV[:, :-1][keep_BS].float(), target_BS[keep_BS]
-    )
 
 
 def build(method: Method, base: torch.nn.Module, seed: int) -> tuple[Any, list]:
