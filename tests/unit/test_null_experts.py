@@ -10,33 +10,17 @@ import math
 
 import pytest
 import torch
+from test_experts import _bank, _grads
 from test_lbc_fixed_point import optimise_shares
 
 from loramoe_ds.config import AdapterConfig
-from loramoe_ds.model.experts import ExpertBank, local_mixture, sort_by_expert
+from loramoe_ds.model.experts import local_mixture, sort_by_expert
 from loramoe_ds.model.inject import inject
 from loramoe_ds.model.losses import knowledge_group, lbc_optimal_shares
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.model.reference import loop_mixture
 from loramoe_ds.model.router import Router
 from loramoe_ds.tiny import tiny_model
-
-
-def _bank(E, D, O, R, seed=0):
-    torch.manual_seed(seed)
-    bank = ExpertBank(E, D, O, R)
-    with torch.no_grad():
-        bank.lora_B.normal_()
-    return bank
-
-
-def _grads(fn, params):
-    for p in params:
-        p.grad = None
-    out = fn()
-    g = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
-    (out * g).sum().backward()
-    return out.detach(), [p.grad.clone() for p in params]
 
 
 def test_knowledge_group_holds_the_null_slots():
