@@ -206,15 +206,11 @@ def table(results: list[dict]) -> str:
                 f"({min(lead)}-{max(lead)} of {n_layers})"
             )
         train_s = [r["train"]["train_s"] for r in runs if "train" in r]
+        secs = f"{statistics.fmean(train_s):.0f}" if train_s else "-"
         lines.append(
             f"| {LABELS[m]} | {len(runs)} | {mean_std([r['knowledge_gen'] for r in runs])} | "
             f"{mean_std([r['knowledge_ll'] for r in runs])} | "
-            f"{mean_std([r['downstream'] for r in runs])} | {share} | "
-            f"{statistics.fmean(train_s):.0f} |"
-            if train_s
-            else f"| {LABELS[m]} | {len(runs)} | {mean_std([r['knowledge_gen'] for r in runs])} | "
-            f"{mean_std([r['knowledge_ll'] for r in runs])} | "
-            f"{mean_std([r['downstream'] for r in runs])} | {share} | - |"
+            f"{mean_std([r['downstream'] for r in runs])} | {share} | {secs} |"
         )
     return "\n".join(lines)
 
