@@ -130,7 +130,32 @@ def init_process_group() -> None:
         return
     import deepspeed
 
+    bind_cuda_device()
     deepspeed.init_distributed()
+
+
+def bind_cuda_device() -> int | None:
+    """Make ``cuda:LOCAL_RANK`` this process's current device before any collective.
+
+    Under NCCL a collective places its tensors on the *current* device; without
+    this every rank's first collective (e.g. the broadcast of the tokenised data)
+    would run on cuda:0 while DeepSpeed binds the communicator to
+    cuda:LOCAL_RANK. A site that shows each task only its own GPU
+    (``CUDA_VISIBLE_DEVICES`` of one device) makes ``LOCAL_RANK`` out of range:
+    the index is ``LOCAL_RANK % device_count``. No-op without CUDA.
+
+    Returns:
+        The device index set, or ``None`` without CUDA.
+    """
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    torch.cuda.set_device(index)
+    return index
 
 
 def create_expert_groups(ep_size: int) -> ExpertGroups:
