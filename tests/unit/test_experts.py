@@ -37,15 +37,20 @@ def _grads(fn, params):
      ("topk", 2, "dense")],
 )  # fmt: skip
 def test_fused_matches_loop(E, R, D, O, T, mode, K, impl):
-    bank = _bank(E, D, O, R)
-    router = Router(D, E, mode, max(K, 1))
-    x = torch.randn(T, D, requires_grad=True)
+    assert_fused_matches_loop(_bank(E, D, O, R), Router(D, E, mode, max(K, 1)), T, impl)
+
+
+def assert_fused_matches_loop(bank, router, T, impl):
+    """The fused mixture equals the per-expert loop: output and the gradients of the
+    input, both LoRA factors and the router."""
+    x = torch.randn(T, bank.in_features, requires_grad=True)
     params = [x, bank.lora_A, bank.lora_B, router.weight]
     fused, g_fused = _grads(lambda: local_mixture(bank, x, router(x), topk_impl=impl), params)
     loop, g_loop = _grads(lambda: loop_mixture(bank, x, router(x)), params)
     torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fused, g_loop):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    return x
 
 
 def test_grouped_matmul_paths_agree():

@@ -10,15 +10,14 @@ import math
 
 import pytest
 import torch
-from test_experts import _bank, _grads
+from test_experts import _bank, assert_fused_matches_loop
 from test_lbc_fixed_point import optimise_shares
 
 from loramoe_ds.config import AdapterConfig
-from loramoe_ds.model.experts import local_mixture, sort_by_expert
+from loramoe_ds.model.experts import sort_by_expert
 from loramoe_ds.model.inject import inject
 from loramoe_ds.model.losses import knowledge_group, lbc_optimal_shares
 from loramoe_ds.model.moe_linear import MoELoRALinear
-from loramoe_ds.model.reference import loop_mixture
 from loramoe_ds.model.router import Router
 from loramoe_ds.tiny import tiny_model
 
@@ -50,15 +49,8 @@ def test_soft_gates_are_the_softmax_over_every_slot():
 def test_fused_with_null_experts_matches_loop(mode, K, impl, E, N):
     """Forward and every gradient; top-k tokens routed to a null slot get nothing from it."""
     D, O, R, T = 24, 16, 4, 40
-    bank = _bank(E, D, O, R)
     router = Router(D, E, mode, K, num_null=N)
-    x = torch.randn(T, D, requires_grad=True)
-    params = [x, bank.lora_A, bank.lora_B, router.weight]
-    fused, g_fused = _grads(lambda: local_mixture(bank, x, router(x), topk_impl=impl), params)
-    loop, g_loop = _grads(lambda: loop_mixture(bank, x, router(x)), params)
-    torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g_fused, g_loop):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    x = assert_fused_matches_loop(_bank(E, D, O, R), router, T, impl)
     if mode == "topk":  # the test really routes some (token, slot) pairs to null slots
         assert (router(x).experts_TK >= E).any()
 
