@@ -383,13 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         t1 = time.perf_counter()
         model, params = fwt.build(method, base, seed)
         if method.kind == "moe" and args.router_lr_mult != 1.0:
-            named = model.adapter_named_parameters()
-            routers = [p for n, p in named if n.endswith("router.weight")]
+            from loramoe_ds.parallel.settings import OptimizerSettings
+
+            routers = [m.router.weight for m in model.moe_layers()]
             ids = {id(p) for p in routers}
-            params = [
-                {"params": [p for p in params if id(p) not in ids], "lr": lr},
-                {"params": routers, "lr": lr * args.router_lr_mult},
-            ]
+            others = [p for p in params if id(p) not in ids]
+            opt = OptimizerSettings(lr=lr, router_lr_scale=args.router_lr_mult)
+            params = opt.param_groups(routers, others)
         model.to(args.device)
         info = fwt.train(method, model, params, recs, steps, lr, seed, args.batch_size, args.device)
         result = {

@@ -98,14 +98,14 @@ def train(method: str, model: Any, params: list, run: Any, tok: Any, seed: int) 
         files, tok, data_cfg, batch_size=global_batch, global_batch=global_batch
     )
     groups: list = params
-    scale = getattr(t, "router_lr_scale", 1.0)
-    if method != "lora" and scale != 1.0:
-        routers = [p for n, p in model.adapter_named_parameters() if n.endswith("router.weight")]
+    if method != "lora":  # the trainer's groups: routers at train.router_lr_scale x the LR
+        from loramoe_ds.parallel.settings import OptimizerSettings
+
+        routers = [m.router.weight for m in model.moe_layers()]
         ids = {id(p) for p in routers}
-        groups = [
-            {"params": [p for p in params if id(p) not in ids], "lr": t.lr},
-            {"params": routers, "lr": t.lr * scale},
-        ]
+        others = [p for p in params if id(p) not in ids]
+        opt_settings = OptimizerSettings(lr=t.lr, router_lr_scale=t.router_lr_scale)
+        groups = opt_settings.param_groups(routers, others)
     opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_ratio(s + 1, t.warmup_steps, t.max_steps, t.min_lr_ratio)
