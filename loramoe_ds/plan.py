@@ -8,6 +8,7 @@ The run itself is :mod:`loramoe_ds.run`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from loramoe_ds.base_model import from_config, hf_config
 from loramoe_ds.config import RunConfig, resolve_ds_config
+from loramoe_ds.config.run import AUTO
 from loramoe_ds.lr_schedule import LRSchedule, lr_ratio
 from loramoe_ds.model.inject import num_decoder_layers
 from loramoe_ds.parallel.settings import OptimizerSettings
@@ -37,6 +39,8 @@ class Plan:
     """Ranks per node of the planned topology (``--gpus-per-node``), when known."""
     param_counts: tuple[int, int, int, int] | None = None
     """:func:`count_parameters` of this plan (filled by :func:`make_plan`)."""
+    cost: PlanCost | None = None
+    """The cost model's options and choice (:func:`resolve_layout`; filled by :func:`make_plan`)."""
     placements: list[str] | None = None
     """Each decoder layer's bank placement, ``"sharded"`` / ``"replicated"``
     (:func:`~loramoe_ds.parallel.layout.layer_placements`; filled by :func:`make_plan`,
@@ -89,20 +93,9 @@ class Plan:
         ep_groups = [list(range(i * ep, (i + 1) * ep)) for i in range(W // ep)]
         edp_groups = [list(range(j, W, ep)) for j in range(ep)]
         n_base, n_router, n_expert, per_linear = self.param_counts or count_parameters(self)
-        bytes_pp = 2 if run.train.precision == "bf16" else 4
         stage = run.parallel.zero_stage
-        base_rank = n_base * bytes_pp / (W if stage == 3 else 1)
-        # expert params: local shard of a sharded bank (1/ep), a replicated bank like the
-        # routers; fp32 master + 2 Adam moments + grad = 16 B/param
         placed = self.layer_placements
         counts = self.experts_per_layer
-        sharded_frac = sum(e for e, p in zip(counts, placed) if p == "sharded") / max(
-            sum(counts), 1
-        )
-        expert_rank = (
-            n_expert * 16 * (sharded_frac / ep + (1 - sharded_frac) / (W if stage >= 1 else 1))
-        )
-        router_rank = n_router * 16 / (W if stage >= 1 else 1)
         t = run.train
         lines = [f"world size {W}: {W // ep} expert-parallel group(s) of {ep}"]
         if self.gpus_per_node:
@@ -135,9 +128,6 @@ class Plan:
             f"batch: micro {run.train.micro_batch_size} x grad_accum {run.train.grad_accum} x "
             f"DP {W} = global {self.ds_config['train_batch_size']}; ZeRO stage {stage}; "
             f"{run.train.precision}",
-            f"estimated memory per rank: base {base_rank / 2**20:.1f} MiB (ZeRO-{stage}), "
-            f"experts+optimizer {expert_rank / 2**20:.1f} MiB, routers+optimizer "
-            f"{router_rank / 2**20:.2f} MiB (activations extra)",
             f"steps {t.max_steps}, lr {t.lr}: "
             + (
                 f"linear warm-up from {t.lr * lr_ratio(1, t.warmup_steps, t.max_steps, 0):.3g} "
@@ -148,7 +138,19 @@ class Plan:
             + f"cosine to {t.lr * t.min_lr_ratio:.3g} (step {t.max_steps}); "
             f"output {run.output.dir}",
         ]
+        if self.cost is not None:
+            lines += self.cost.describe(t.activation_checkpointing, self.gpus_per_node)
         return "\n".join(lines)
+
+
+def _meta_model(hf_cfg, adapter):
+    """The injected model on the ``meta`` device (no memory, no weights)."""
+    from loramoe_ds.model.inject import inject
+
+    with torch.device("meta"):
+        base = from_config(hf_cfg, init_weights=False)
+        n_base = sum(p.numel() for p in base.parameters())
+        return inject(base, adapter), n_base
 
 
 def count_parameters(plan: Plan) -> tuple[int, int, int, int]:
@@ -156,16 +158,70 @@ def count_parameters(plan: Plan) -> tuple[int, int, int, int]:
 
     Computed on the ``meta`` device: no memory, no weights loaded.
     """
-    from loramoe_ds.model.inject import inject
-
-    with torch.device("meta"):
-        base = from_config(plan.hf_config, init_weights=False)
-        n_base = sum(p.numel() for p in base.parameters())
-        model = inject(base, plan.run.adapter)
+    model, n_base = _meta_model(plan.hf_config, plan.run.adapter)
     n_router = sum(m.router.weight.numel() for m in model.moe_layers())
     n_expert = sum(sum(p.numel() for p in m.experts.parameters()) for m in model.moe_layers())
     per_linear = max(1, len(model.moe_layers()) // max(plan.num_layers, 1))
     return n_base, n_router, n_expert, per_linear
+
+
+def resolve_layout(
+    run: RunConfig, ds: dict[str, Any], hf_cfg, world_size: int, gpus_per_node: int | None
+) -> tuple[RunConfig, PlanCost]:
+    """Resolve ``parallel.ep_size`` / ``zero_stage: auto`` by the cost model.
+
+    Returns the run config with concrete ``ep_size`` and ``zero_stage`` (the
+    DeepSpeed JSON's stage filled in) and the options behind the choice.
+    """
+    from loramoe_ds.config.run import AUTO
+    from loramoe_ds.plan_cost import memory_budget, model_shapes, options, pick
+
+    model, _ = _meta_model(hf_cfg, run.adapter)
+    shapes = model_shapes(model, hf_cfg)
+    budget, where = memory_budget(run, gpus_per_node)
+    zero = ds.setdefault("zero_optimization", {})
+    ds_stage = zero.get("stage")
+    opts = options(run, ds, shapes, world_size, budget, ds_stage)
+    stage_auto = run.parallel.zero_stage == AUTO and ds_stage is None
+    chosen = pick(opts, stage_auto, run.train.activation_checkpointing)
+    zero.setdefault("stage", chosen.zero_stage)
+    par = dataclasses.replace(run.parallel, ep_size=chosen.ep_size, zero_stage=chosen.zero_stage)
+    auto = run.parallel.ep_size == AUTO or run.parallel.zero_stage == AUTO
+    run = dataclasses.replace(run, parallel=par)
+    return run, PlanCost(shapes, opts, chosen, budget, where, auto)
+
+
+@dataclass
+class PlanCost:
+    """The cost model's view of a plan: every option considered and the one taken."""
+
+    shapes: Any
+    options: list
+    chosen: Any
+    budget: float
+    budget_source: str
+    auto: bool
+    """Whether ``ep_size`` or ``zero_stage`` was ``auto`` (the choice was the plan's)."""
+
+    def describe(self, checkpointing: bool, gpus_per_node: int | None = None) -> list[str]:
+        from loramoe_ds.plan_cost import describe_options
+
+        head = []
+        if self.auto:
+            c = self.chosen
+            head.append(
+                f"auto layout: ep_size {c.ep_size}, ZeRO-{c.zero_stage} (the fewest predicted "
+                "wire bytes per step among the options that fit; ZeRO-3 only when no ZeRO-2 "
+                "option fits or the DeepSpeed JSON asks for it)"
+            )
+        return head + describe_options(
+            self.options,
+            self.chosen,
+            self.budget,
+            self.budget_source,
+            checkpointing,
+            gpus_per_node,
+        )
 
 
 def make_plan(
@@ -207,11 +263,18 @@ def make_plan(
     hf_cfg, model_dir = hf_config(run)
     n_layers = num_decoder_layers(hf_cfg)
     counts = run.adapter.layer_experts(n_layers)
+    auto_ep = run.parallel.ep_size == AUTO
+    if not auto_ep:  # a bad fixed ep_size is refused before the cost model runs
+        validate_ep(run.parallel.ep_size, world_size, counts)
+    run, cost = resolve_layout(run, ds, hf_cfg, world_size, gpus_per_node)
     if resume not in (None, "none"):
         check_resume_plan(run, ds, world_size, counts, hf_cfg, resume)
-    placements = validate_ep(run.parallel.ep_size, world_size, counts)
+    placements = validate_ep(
+        run.parallel.ep_size, world_size, counts, cost.chosen.placements if auto_ep else None
+    )
     plan = Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_cfg, gpus_per_node)
     plan.placements = placements
+    plan.cost = cost
     plan.param_counts = count_parameters(plan)
     n_base, n_router, n_expert, _ = plan.param_counts
     if rank == 0 and n_router + n_expert > n_base:

@@ -36,6 +36,8 @@ from loramoe_ds.config.fields import check_choice, section_from_dict
 
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
+AUTO = "auto"
+"""``parallel.ep_size`` / ``zero_stage`` value: chosen by the plan (:mod:`loramoe_ds.plan_cost`)."""
 LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
 """Valid values of ``train.loss_reduction`` (:mod:`loramoe_ds.parallel.token_mean`)."""
 TINY_ARCHS = ("llama", "qwen2", "mistral")
@@ -150,18 +152,34 @@ class TrainConfig:
 class ParallelConfig:
     """Distribution."""
 
-    ep_size: int = 1
-    """Expert-parallel group size: divides the world size and every layer's
-    expert count."""
+    ep_size: int | str = 1
+    """Expert-parallel group size: divides the world size; a layer whose expert
+    count it divides is sharded over the group, the others replicated. ``auto``:
+    the plan picks the size and each layer's placement by predicted bytes
+    (:mod:`loramoe_ds.cost_model`, printed by ``--dry-run``)."""
 
-    zero_stage: int = 3
+    zero_stage: int | str = 3
     """ZeRO stage for the frozen base and routers (0, 2 or 3); must equal the
-    DeepSpeed JSON's ``zero_optimization.stage``."""
+    DeepSpeed JSON's ``zero_optimization.stage``. ``auto``: the JSON's stage when
+    it gives one, else ZeRO-2 unless the replicated base and its state would not
+    fit ``memory_budget_gb`` (then ZeRO-3)."""
+
+    memory_budget_gb: float | None = None
+    """Memory one rank may use, GiB, for the ``auto`` choices (default: the GPU's
+    memory; 80 for a cluster dry run with ``--gpus-per-node``; else host RAM per
+    local rank)."""
 
     def __post_init__(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"parallel.ep_size={self.ep_size}: must be >= 1")
-        check_choice("parallel.zero_stage", self.zero_stage, ZERO_STAGES)
+        if self.ep_size != AUTO and (
+            isinstance(self.ep_size, str) or isinstance(self.ep_size, bool) or self.ep_size < 1
+        ):
+            raise ValueError(f"parallel.ep_size={self.ep_size!r}: must be an int >= 1 or 'auto'")
+        if self.zero_stage != AUTO:
+            check_choice("parallel.zero_stage", self.zero_stage, ZERO_STAGES + (AUTO,))
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(
+                f"parallel.memory_budget_gb={self.memory_budget_gb}: must be > 0 (GiB per rank)"
+            )
 
 
 @dataclass
@@ -340,6 +358,8 @@ def resolve_ds_config(
                 "schedule (train.lr, train.warmup_steps); the trainer hands its AdamW and "
                 "schedule to DeepSpeed so routers and expert-parallel banks follow one schedule"
             )
+    if "bf16" not in ds:  # no precision in the JSON: the run config's
+        ds["bf16"] = {"enabled": t.precision == "bf16"}
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     if ds.get("fp16", {}).get("enabled", False):
         raise ValueError(f"{where}: fp16 is not supported; use bf16 (train.precision=bf16)")
@@ -347,9 +367,14 @@ def resolve_ds_config(
         raise ValueError(
             f"{where}: bf16.enabled={bf16} but train.precision={t.precision!r}; make them agree"
         )
-    zero = ds.setdefault("zero_optimization", {"stage": run.parallel.zero_stage})
-    stage = zero.setdefault("stage", run.parallel.zero_stage)
-    if stage != run.parallel.zero_stage:
+    want_stage = run.parallel.zero_stage
+    zero = ds.setdefault("zero_optimization", {})
+    if want_stage == AUTO:  # the JSON's stage when given (the plan fills it in otherwise)
+        want_stage = zero.get("stage", AUTO)
+    if want_stage != AUTO:
+        zero.setdefault("stage", want_stage)
+    stage = zero.get("stage", AUTO)
+    if stage != want_stage:
         raise ValueError(
             f"{where}: zero_optimization.stage={stage} but parallel.zero_stage="
             f"{run.parallel.zero_stage}; make them agree"
