@@ -431,6 +431,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--worlds", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--packing", nargs="+", default=["false", "true"], choices=["false", "true"])
+    ap.add_argument("--records", default=None, help="keep every rank's JSON record here")
     ap.add_argument("--steps", type=int, default=2, help="counted steps (after 1 warm-up step)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
@@ -444,6 +445,8 @@ def main(argv=None) -> None:
     print(f"{'case':24s} {'collective / item':24s} {'predicted B':>14s} {'counted B':>14s} "
           "pred/meas")  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
+        d = args.records or d
+        Path(d).mkdir(parents=True, exist_ok=True)
         ds = args.deepspeed or bench_ds_config(Path(d))
         print(f"# DeepSpeed JSON: {args.deepspeed or SHIPPED_DS.relative_to(REPO)} (ZeRO section)")
         for name in args.models:

@@ -471,19 +471,22 @@ def activations(
 ) -> tuple[float, float]:
     """Saved activations of one micro-batch, bytes: (without, with) activation checkpointing.
 
-    Per decoder layer and token (elements, HF Llama with SDPA attention; h
-    hidden, I intermediate, kv = kv_heads * head_dim):
+    Per decoder layer and token (elements of ``a`` bytes; HF Llama with SDPA
+    attention; h hidden, I intermediate, kv = kv_heads * head_dim):
 
-    * attention block: RMSNorm input and normalised output (2h, fp32 inside
-      the norm counted as 2 more h), q/k/v after RoPE and the attention output
-      (2h + 2kv), o_proj input (h): ``7h + 2kv``;
-    * MLP block: RMSNorm (4h as above), gate and up outputs, SiLU output, down
-      input (4I): ``4h + 4I``;
-    * each adapted linear: the router's fp32 logits and probabilities (2 slots),
-      the rank-space activations before and after gating (2 E R), the mixture
-      output (O), the dropped-out input when dropout is on (D); a sharded soft
-      linear keeps the message it sent, what it received and what came back
-      (``P (D+L) + P (D+L) + P O``), a sharded top-k one ``K (D + O)`` twice.
+    * attention block: the RMSNorm's input and output (2h), q after RoPE, k, v
+      (h + 2kv), the attention output (h), o_proj's input is that output; the
+      residual (h): ``5h + 2kv``;
+    * MLP block: RMSNorm (2h), gate and up outputs, SiLU output, down input
+      (4I): ``2h + 4I``;
+    * in bf16 the RMSNorms also keep an fp32 copy of their input (2 x 2h);
+    * each adapted linear: the router's fp32 logits and probabilities
+      (2 slots x 4 bytes), the rank-space activations before and after gating
+      (2 E R), the mixture output (O), the dropped-out input when dropout is on
+      (D); a sharded soft linear also keeps the rows it received (P (D + L):
+      the bank's input and gates), a sharded top-k one the received rows and
+      the returned rows the gates multiply (K (D + O)) and its rank-space rows
+      (2 K R) instead of 2 E R.
 
     Plus the LM head at labelled positions (logits and their fp32 softmax:
     ``2 V`` per labelled token, 4 bytes). With checkpointing only each layer's
@@ -492,19 +495,19 @@ def activations(
     T, a = w.tokens, w.act_bytes
     h, inter = shapes.hidden, shapes.intermediate
     kv = shapes.kv_heads * shapes.head_dim
-    base_layer = (7 * h + 2 * kv) + (4 * h + 4 * inter) + 4 * h
+    base_layer = (5 * h + 2 * kv) + (2 * h + 4 * inter) + (4 * h if a < 4 else 0)
     per_layer = [base_layer * T * a for _ in range(shapes.num_layers)]
     sharded_ids = {id(lin) for lin in sharded}
     for lin in shapes.linears:
         el = 2 * lin.experts * lin.rank + lin.d_out + (lin.d_in if w.dropout else 0)
-        extra = 2 * lin.slots * 4  # fp32 router logits + probabilities
         if id(lin) in sharded_ids:
             P = w.ep_size
             if w.router == "soft":
-                el += 2 * P * (lin.d_in + lin.experts // P) + P * lin.d_out
+                el += P * (lin.d_in + lin.experts // P)
             else:
-                el += 2 * w.top_k * (lin.d_in + lin.d_out)
-        per_layer[lin.layer] += T * (el * a + extra)
+                el += w.top_k * (lin.d_in + lin.d_out) + 2 * w.top_k * lin.rank
+                el -= 2 * lin.experts * lin.rank
+        per_layer[lin.layer] += T * (el * a + 2 * lin.slots * 4)
     head = w.label_tokens * shapes.vocab * 4 * 2
     no_ckpt = sum(per_layer) + head
     ckpt = shapes.num_layers * T * h * a + max(per_layer, default=0) + head
