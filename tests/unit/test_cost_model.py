@@ -184,3 +184,14 @@ def test_dry_run_small_budget_forces_zero3(launcher, capsys, tmp_path):
     chosen = next(x for x in out.splitlines() if x.startswith("->"))
     assert "ZeRO-3" in chosen and "does not fit" not in chosen
     assert any("ZeRO-2" in x and "(does not fit)" in x for x in out.splitlines())
+
+
+def test_cost_model_is_pure_arithmetic():
+    """loramoe_ds/cost_model.py imports the standard library only (no torch, no DeepSpeed)."""
+    import ast
+    import sys
+
+    tree = ast.parse((ROOT / "loramoe_ds" / "cost_model.py").read_text())
+    mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert all(m.split(".")[0] in sys.stdlib_module_names for m in mods), mods
