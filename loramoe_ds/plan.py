@@ -76,7 +76,7 @@ class Plan:
         """One line: each run of decoder layers with the same bank count and placement."""
         ep, spans = self.run.parallel.ep_size, []
         for i, (e, p) in enumerate(zip(self.experts_per_layer, self.layer_placements)):
-            if spans and spans[-1][2:] == (e, p):
+            if spans and spans[-1][2:] == [e, p]:
                 spans[-1][1] = i
             else:
                 spans.append([i, i, e, p])

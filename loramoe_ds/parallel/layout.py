@@ -22,7 +22,7 @@ Every adapted linear has a router ``<linear>.router.weight`` and an expert bank
     DeepSpeed averages its gradients over all W ranks, ZeRO partitions it and
     holds its Adam state). ``ep_size == 1`` replicates every bank.
 
-The placement rule (docs/design.md, "Expert parallelism and dispatch"): by
+The placement rule (docs/design.md, "Placement rule", with its costs): by
 default a layer is sharded when ``P > 1`` divides its E, replicated otherwise;
 an explicit per-layer list (``placements``, e.g. from a planner) overrides it,
 but may shard only a layer whose E divides by P. Shards are never uneven: every
@@ -124,10 +124,10 @@ class LayerLayout:
         bank: The bank this rank holds: the full bank (replicated) or its shard.
         num_experts: ``E``, the layer's experts (from the bank, not the router).
         first_expert: The first global expert of ``bank``.
-        layer_idx: The decoder layer the linear belongs to.
         sharded: Whether ``bank`` is an expert-parallel shard (owner
             :data:`EXPERTS`; placement :data:`SHARDED`), else the full bank, an
             engine parameter (placement :data:`REPLICATED`).
+        layer_idx: The decoder layer the linear belongs to.
     """
 
     name: str

@@ -26,6 +26,8 @@ def test_validate_ep_messages():
         validate_ep(4, 4, [2, 4], ["sharded", "sharded"])
     with pytest.raises(ValueError, match=r"placements\[0\]='sharded'.*no expert-parallel group"):
         validate_ep(1, 4, [2], ["sharded"])
+    doc = (C.REPO / "docs" / "troubleshooting.md").read_text()
+    assert "cannot split evenly; use 'replicated'" in doc and "must be one of ['sharded'" in doc
 
 
 def test_placement_rule():
