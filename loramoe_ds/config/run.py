@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,12 +165,35 @@ class ParallelConfig:
         check_choice("parallel.zero_stage", self.zero_stage, ZERO_STAGES)
 
 
+REPORT_TO = ("csv", "tensorboard", "wandb", "mlflow")
+"""Valid entries of ``output.report_to`` (:mod:`loramoe_ds.train_loop.trackers`)."""
+
+REPORT_TO_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install -e ."),
+    "wandb": ("wandb", "pip install -e '.[tracking]'"),
+    "mlflow": ("mlflow", "pip install -e '.[tracking]'"),
+}
+"""The Python package each tracker needs (``csv`` needs none) and how to install it
+(``tracking``: the pip extra of the wandb and mlflow packages)."""
+
+
 @dataclass
 class OutputConfig:
     """Where results go."""
 
     dir: str = "runs/default"
     """Output directory: checkpoints, metrics.csv, TensorBoard, adapter, plots."""
+
+    report_to: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    """Where rank 0 reports each logged step's metrics and the run config
+    (:data:`REPORT_TO`, any subset; ``[]`` reports nothing): ``csv``
+    (``metrics.csv`` + ``run_config.json``), ``tensorboard`` (``tb/``), ``wandb``
+    and ``mlflow`` (configured by their own environment variables, e.g.
+    ``WANDB_PROJECT``, ``WANDB_MODE``, ``MLFLOW_TRACKING_URI``,
+    ``MLFLOW_EXPERIMENT_NAME``). ``csv,wandb`` on the command line is a list."""
+
+    run_name: str | None = None
+    """The run's name in wandb and mlflow; ``None``: the name of ``dir``."""
 
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at the end and on preemption)."""
@@ -183,6 +207,19 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if not self.dir:
             raise ValueError("output.dir='': empty; give an output directory")
+        given = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        self.report_to = [n.strip() for item in given for n in item.split(",") if n.strip()]
+        for name in self.report_to:
+            check_choice("output.report_to", name, REPORT_TO)
+        if len(set(self.report_to)) < len(self.report_to):
+            raise ValueError(f"output.report_to={given!r}: a tracker is named twice")
+        for name in self.report_to:
+            package, install = REPORT_TO_PACKAGES.get(name, (None, None))
+            if package and importlib.util.find_spec(package) is None:
+                raise ValueError(
+                    f"output.report_to={given!r}: {name!r} needs the {package!r} package, "
+                    f"which is not installed: {install}"
+                )
         for name in ("save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"output.{name}={getattr(self, name)}: must be >= 0")
@@ -300,14 +337,44 @@ def load_ds_config(path: str | Path | None) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON: {e}") from e
 
 
+DS_AUTO_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+    "bf16.enabled",
+    "fp16.enabled",
+)
+"""DeepSpeed JSON keys the run config owns: ``"auto"`` (or absent) is filled in from
+it, an explicit value must agree with it (:func:`resolve_ds_config`)."""
+
+
+def _auto_keys(d: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a (nested) DeepSpeed JSON whose value is ``"auto"``."""
+    if not isinstance(d, dict):
+        return []
+    return [
+        k
+        for key, v in d.items()
+        for k in ([f"{prefix}{key}"] if v == "auto" else _auto_keys(v, f"{prefix}{key}."))
+    ]
+
+
 def resolve_ds_config(
     run: RunConfig, ds: dict[str, Any], world_size: int, where: str = "ds_config"
 ) -> dict[str, Any]:
     """Check the DeepSpeed JSON against the run config and fill what it leaves out.
 
+    The run config owns :data:`DS_AUTO_KEYS`: each is filled in from it when the
+    JSON leaves it out or writes ``"auto"`` (as the shipped ``ds_configs/*.json``
+    do, so a command-line override such as ``train.micro_batch_size=8`` never
+    conflicts), and must agree with it when the JSON gives a value.
     ``train_batch_size = micro_batch_size x grad_accum x world_size`` (every rank
     is a data-parallel rank for the base and routers; expert parallelism shards
-    only the expert banks).
+    only the expert banks); ``bf16.enabled`` is ``train.precision == 'bf16'``;
+    ``fp16`` is never enabled; ``gradient_clipping`` is ``train.grad_clip`` (and
+    removed: the trainer clips routers and experts jointly). ``"auto"`` anywhere
+    else is refused.
 
     Raises:
         ValueError: On any disagreement, naming both values.
@@ -331,7 +398,8 @@ def resolve_ds_config(
         elif ds[key] != value:
             raise ValueError(
                 f"{where}: {key}={ds[key]} but the run config gives {value} (micro_batch_size "
-                f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world_size})"
+                f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world_size}; "
+                f'write "auto" to take it from the run config)'
             )
     for section in ("optimizer", "scheduler"):
         if section in ds:
@@ -340,13 +408,20 @@ def resolve_ds_config(
                 "schedule (train.lr, train.warmup_steps); the trainer hands its AdamW and "
                 "schedule to DeepSpeed so routers and expert-parallel banks follow one schedule"
             )
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    if ds.get("fp16", {}).get("enabled", False):
+    for name in ("bf16", "fp16"):
+        if not isinstance(ds.get(name, {}), dict):
+            raise ValueError(f'{where}: {name}={ds[name]!r}: must be a mapping {{"enabled": ...}}')
+    if ds.get("fp16", {}).get("enabled", False) not in (False, "auto"):
         raise ValueError(f"{where}: fp16 is not supported; use bf16 (train.precision=bf16)")
-    if bf16 != (t.precision == "bf16"):
+    if "fp16" in ds:
+        ds["fp16"]["enabled"] = False
+    bf16 = ds.get("bf16", {}).get("enabled", "auto")
+    if bf16 != "auto" and bool(bf16) != (t.precision == "bf16"):
         raise ValueError(
-            f"{where}: bf16.enabled={bf16} but train.precision={t.precision!r}; make them agree"
+            f"{where}: bf16.enabled={bf16} but train.precision={t.precision!r}; make them agree "
+            '(or write "auto")'
         )
+    ds.setdefault("bf16", {})["enabled"] = t.precision == "bf16"
     zero = ds.setdefault("zero_optimization", {"stage": run.parallel.zero_stage})
     stage = zero.setdefault("stage", run.parallel.zero_stage)
     if stage != run.parallel.zero_stage:
@@ -354,13 +429,19 @@ def resolve_ds_config(
             f"{where}: zero_optimization.stage={stage} but parallel.zero_stage="
             f"{run.parallel.zero_stage}; make them agree"
         )
-    clip = float(ds.get("gradient_clipping", t.grad_clip) or 0.0)
-    if clip != t.grad_clip:
+    clip = ds.get("gradient_clipping", "auto")
+    if clip != "auto" and float(clip or 0.0) != t.grad_clip:
         raise ValueError(
             f"{where}: gradient_clipping={clip} but train.grad_clip={t.grad_clip}; make them "
             "agree (the clip is applied jointly to routers and expert-parallel banks)"
         )
     ds.pop("gradient_clipping", None)  # the trainer's: train.grad_clip, clipped jointly
+    left = _auto_keys(ds)
+    if left:
+        raise ValueError(
+            f'{where}: {left[0]}="auto": only the keys the run config owns may be "auto" '
+            f"({', '.join(DS_AUTO_KEYS)}); give a value"
+        )
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
