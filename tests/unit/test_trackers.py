@@ -19,9 +19,10 @@ import pytest
 from launching import free_port, launch_ranks
 
 from loramoe_ds.config import RunConfig, load_run_config
+from loramoe_ds.config.run import REPORT_TO
 from loramoe_ds.train_loop.logger import MetricsLogger
 from loramoe_ds.train_loop.step_metrics import csv_fields
-from loramoe_ds.train_loop.trackers import RUN_IDS_FILE, flatten
+from loramoe_ds.train_loop.trackers import RUN_IDS_FILE, TRACKERS, flatten
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = csv_fields()
@@ -59,6 +60,7 @@ def _as_tags(rows: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
 
 # --------------------------------------------------------------------- config
 def test_report_to_choices_and_default():
+    assert tuple(TRACKERS) == REPORT_TO  # one tracker per choice, in the config's order
     assert RunConfig().output.report_to == ["csv", "tensorboard"]
     run = load_run_config(None, ["output.report_to=csv,mlflow"])
     assert run.output.report_to == ["csv", "mlflow"]
