@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 from launching import free_port, launch_ranks
 
-from loramoe_ds.config import RunConfig, load_run_config
-from loramoe_ds.config.run import REPORT_TO
+from loramoe_ds.config import REPORT_TO, RunConfig, load_run_config
 from loramoe_ds.train_loop.logger import MetricsLogger
 from loramoe_ds.train_loop.step_metrics import csv_fields
 from loramoe_ds.train_loop.trackers import RUN_IDS_FILE, TRACKERS, flatten
