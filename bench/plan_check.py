@@ -331,7 +331,7 @@ UNMODELLED = ("zero3_trace_bcast", "engine_norm_allreduce", "other")
 modules (a broadcast of the trace's module ids at each forward, a few KiB) and
 DeepSpeed's scalar norm / overflow all-reduces (bytes)."""
 
-SHIPPED_DS = REPO / "ds_configs" / "zero3_cpu_fp32.json"
+SHIPPED_DS = REPO / "ds_configs" / "zero3_cpu.json"
 """The DeepSpeed JSON the cases run with (its ZeRO section; batch sizes from the run config)."""
 
 
