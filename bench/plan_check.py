@@ -201,11 +201,15 @@ def live_tensor_bytes() -> int:
 
 def step_peak_bytes(prof) -> int:
     """Peak of the running sum of CPU allocations minus frees over a profiled window."""
-    evs = [e for e in prof.events() if e.self_cpu_memory_usage]
-    evs.sort(key=lambda e: e.time_range.start)
+    def delta(e) -> int:
+        # "[memory]" events are allocations / frees outside any op (e.g. ZeRO-3 releasing a
+        # gathered parameter); an op's own allocations net of its frees are its self usage.
+        return e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+
+    evs = sorted((e for e in prof.events() if delta(e)), key=lambda e: e.time_range.start)
     cur = peak = 0
     for e in evs:
-        cur += e.self_cpu_memory_usage
+        cur += delta(e)
         peak = max(peak, cur)
     return peak
 
