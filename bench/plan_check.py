@@ -201,6 +201,7 @@ def live_tensor_bytes() -> int:
 
 def step_peak_bytes(prof) -> int:
     """Peak of the running sum of CPU allocations minus frees over a profiled window."""
+
     def delta(e) -> int:
         # "[memory]" events are allocations / frees outside any op (e.g. ZeRO-3 releasing a
         # gathered parameter); an op's own allocations net of its frees are its self usage.
