@@ -8,6 +8,8 @@ The run itself is :mod:`loramoe_ds.run`.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,35 @@ def make_plan(
             flush=True,
         )
     return plan
+
+
+def check_accelerator(precision: str, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a bf16 run that would silently fall back to the CPU and gloo.
+
+    DeepSpeed picks its accelerator by what torch sees: with a CPU-only torch
+    build (or no visible GPU) a bf16 GPU job would train on the CPU, over gloo,
+    more than 15x slower than fp32 there. ``DS_ACCELERATOR=cpu`` says the CPU is
+    meant (tests, the CPU demo) and passes.
+
+    Raises:
+        ValueError: ``train.precision=bf16`` and torch sees no CUDA device.
+    """
+    environ = os.environ if environ is None else environ
+    if precision != "bf16" or environ.get("DS_ACCELERATOR") == "cpu":
+        return
+    if torch.cuda.is_available():
+        return
+    build = (
+        "a CPU-only build"
+        if torch.version.cuda is None
+        else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+    )
+    raise ValueError(
+        f"train.precision=bf16: torch {torch.__version__} ({build}) sees no CUDA device, so "
+        "DeepSpeed would train on the CPU over gloo; install a CUDA build of torch (check "
+        "CUDA_VISIBLE_DEVICES and nvidia-smi), or set DS_ACCELERATOR=cpu to use the CPU on "
+        "purpose (train.precision=fp32 is much faster there)"
+    )
 
 
 def checkpoint_source(run: RunConfig, resume: str) -> Path:
