@@ -36,18 +36,21 @@ TINY_VOCAB = 512
 """Vocabulary of the ``tiny-*`` models and of their demo-data BPE tokenizer."""
 
 
-def from_config(hf_config, init_weights: bool = True):
+def from_config(hf_config, init_weights: bool = True, attn_implementation: str | None = None):
     """Build the architecture; skip random init when pretrained weights follow.
 
     Skipping also avoids transformers' init touching ZeRO-3 partitioned (empty)
-    tensors, e.g. the embedding's padding row.
+    tensors, e.g. the embedding's padding row. ``attn_implementation``
+    (``model.attn_implementation``) picks transformers' attention kernel;
+    ``None``: transformers' default.
     """
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     ctx = contextlib.nullcontext() if init_weights else no_init_weights()
     with ctx:
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kw)
 
 
 def hf_config(run) -> tuple[Any, str | None]:
@@ -117,7 +120,11 @@ def model_factory(plan):
         # Same seed on every rank: a random (tiny) base is identical everywhere and
         # across launchers, so runs are comparable.
         torch.manual_seed(plan.run.train.seed)
-        model = from_config(plan.hf_config, init_weights=plan.model_dir is None)
+        model = from_config(
+            plan.hf_config,
+            init_weights=plan.model_dir is None,
+            attn_implementation=plan.run.model.attn_implementation,
+        )
         if plan.model_dir is not None:
             from loramoe_ds.parallel.zero_load import load_pretrained_into
 

@@ -219,6 +219,28 @@ def check_accelerator(precision: str, environ: Mapping[str, str] | None = None) 
     )
 
 
+def check_attention(attn_implementation: str) -> None:
+    """Refuse ``flash_attention_2`` where it cannot run, before any process group.
+
+    Raises:
+        ValueError: The ``flash-attn`` package is missing, or torch sees no GPU.
+    """
+    if not attn_implementation.startswith("flash"):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            f"model.attn_implementation={attn_implementation}: the flash-attn package is not "
+            "installed (pip install .[flash], on a CUDA machine); or use sdpa"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"model.attn_implementation={attn_implementation}: flash attention runs on CUDA "
+            "GPUs only and torch sees none; use sdpa"
+        )
+
+
 def checkpoint_source(run: RunConfig, resume: str) -> Path:
     """Where ``--resume`` looks: ``output.dir/checkpoints`` for ``auto``, else the directory."""
     return Path(run.output.dir) / "checkpoints" if resume == "auto" else Path(resume)
