@@ -111,9 +111,11 @@ def model_factory(plan):
     """A callable building the base model of a :class:`~loramoe_ds.plan.Plan`.
 
     The trainer calls it under ``zero.Init``. Pretrained weights are loaded
-    *into* the (possibly ZeRO-3 partitioned) parameters: rank 0 reads the
-    safetensors and each tensor is scattered via
-    ``GatheredParameters(modifier_rank=0)``, so no rank ever holds two full copies.
+    *into* the (possibly ZeRO-3 partitioned) parameters
+    (:func:`~loramoe_ds.parallel.zero_load.load_pretrained_into`): partitioned,
+    rank 0 writes each tensor via ``GatheredParameters(modifier_rank=0)``, so no
+    rank ever holds two full copies; unpartitioned, every rank copies from the
+    memory-mapped files. The model uses ``model.attn_implementation``.
     """
 
     def build():
