@@ -49,6 +49,16 @@ def run(case: dict, precision: str, base_dir: Path) -> dict:
         },
         "ep_banks": {str(b.lora_A.dtype) for b in trainer.banks},
     }  # fmt: skip
+    # The ZeRO-3 load (rank 0 writes, DeepSpeed re-partitions) gave every rank the file's weights.
+    import deepspeed
+
+    ref = C.model_factory().state_dict()
+    frozen = [(n, p) for n, p in trainer.model.base.named_parameters() if not p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen]):
+        loaded = all(
+            torch.equal(p.detach().cpu(), ref[n.replace(".base.", ".")].to(p.dtype))
+            for n, p in frozen
+        )
     losses, grads = [], {}
 
     def hook(t):
@@ -59,7 +69,7 @@ def run(case: dict, precision: str, base_dir: Path) -> dict:
         losses += [float(o.loss) for o in result.outputs]
     final = trainer.full_adapter_state()
     dist.barrier()
-    return {"losses": losses, "grads": grads, "final": final, "dtypes": dtypes}
+    return {"losses": losses, "grads": grads, "final": final, "dtypes": dtypes, "loaded": loaded}
 
 
 def main():

@@ -49,6 +49,7 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])
 def test_bf16_dtypes_as_designed(results, case):
     for res in results:
+        assert res[(case["key"], "fp32")]["loaded"] and res[(case["key"], "bf16")]["loaded"]
         d32, d16 = res[(case["key"], "fp32")]["dtypes"], res[(case["key"], "bf16")]["dtypes"]
         assert d32["base"] == d32["router"] == {"torch.float32"}
         assert d16["base"] == {"torch.bfloat16"}
