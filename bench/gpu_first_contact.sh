@@ -103,7 +103,6 @@ if [ "$DRY" = 1 ]; then
     exit 0
 fi
 
-mkdir -p "$LOGS"
 pick_python
 install_carried_wheels
 export PYTHONPATH=$REPO:${PYTHONPATH:-}
@@ -114,6 +113,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "error: nvidia-smi not found: this script is for a GPU machine (see --dry-run)" >&2
     exit 2
 fi
+mkdir -p "$LOGS"
 NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 GPU_NAME=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n1)
 plan_steps "$NGPU"
