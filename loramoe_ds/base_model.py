@@ -42,12 +42,14 @@ def from_config(hf_config, init_weights: bool = True, attn_implementation: str |
     Skipping also avoids transformers' init touching ZeRO-3 partitioned (empty)
     tensors, e.g. the embedding's padding row. ``attn_implementation``
     (``model.attn_implementation``) picks transformers' attention kernel;
-    ``None``: transformers' default.
+    ``None`` or ``"default"``: transformers' own choice.
     """
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kw = {}
+    if attn_implementation not in (None, "default"):
+        kw["attn_implementation"] = attn_implementation
     ctx = contextlib.nullcontext() if init_weights else no_init_weights()
     with ctx:
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kw)

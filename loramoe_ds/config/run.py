@@ -41,7 +41,7 @@ LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("default", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -59,9 +59,10 @@ class ModelConfig:
     tiny_hidden: int = 64
     """Hidden size of a ``tiny-*`` model."""
 
-    attn_implementation: str = "sdpa"
-    """transformers' attention kernel: ``sdpa`` (PyTorch's, every device),
-    ``eager``, or ``flash_attention_2`` (GPUs, bf16; needs the optional
+    attn_implementation: str = "default"
+    """transformers' attention kernel: ``default`` (transformers' choice: SDPA
+    where the architecture supports it, else eager), ``sdpa``, ``eager``, or
+    ``flash_attention_2`` (GPUs, bf16; needs the optional
     ``flash-attn`` package: ``pip install .[flash]``). With packing,
     ``flash_attention_2`` takes the varlen path (the batch carries the
     sequence boundaries) instead of a block-diagonal mask."""

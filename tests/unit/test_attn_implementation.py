@@ -17,15 +17,16 @@ from loramoe_ds.tiny import tiny_config
 def test_config_choice_and_error():
     run = RunConfig.from_dict({"model": {"name": "tiny-llama", "attn_implementation": "eager"}})
     assert run.model.attn_implementation == "eager"
-    assert RunConfig.from_dict({}).model.attn_implementation == "sdpa"
+    assert RunConfig.from_dict({}).model.attn_implementation == "default"
     with pytest.raises(ValueError, match=r"model\.attn_implementation='flash'"):
         RunConfig.from_dict({"model": {"attn_implementation": "flash"}})
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "default"])
 def test_from_config_builds_with_the_kernel(attn):
     model = from_config(tiny_config("llama"), attn_implementation=attn)
-    assert model.config._attn_implementation == attn
+    want = "sdpa" if attn == "default" else attn  # transformers' choice for Llama
+    assert model.config._attn_implementation == want
 
 
 def test_flash_refused_where_it_cannot_run(monkeypatch):
