@@ -410,7 +410,7 @@ def combine_topk(
     Row ``n`` belongs to assignment ``order_N[n]`` of the flattened ``T*K``
     (token, slot) grid (distinct entries; assignments with no row -- null
     experts, capacity drops -- contribute zero). The rows are *written* to their
-    grid place (``index_copy``: each place written once; its backward is a
+    grid place (``index_put_`` of distinct indices: each place written once; its backward is a
     gather) and summed over the K slots in slot order (``view(T, K, O).sum(1)``).
     The result is therefore bitwise independent of the order of the rows and of
     the device's scheduling, unlike an ``index_add`` scatter-add, whose
@@ -428,7 +428,7 @@ def combine_topk(
         ``y_TO`` (``out_TO``'s dtype when it is given, else ``y_NO``'s).
     """
     O = y_NO.shape[1]
-    y_TKO = y_NO.new_zeros(num_tokens * top_k, O).index_copy(0, order_N, y_NO)
+    y_TKO = y_NO.new_zeros(num_tokens * top_k, O).index_put_((order_N,), y_NO)
     y_TO = y_TKO.view(num_tokens, top_k, O).sum(1)
     if out_TO is None:
         return y_TO
