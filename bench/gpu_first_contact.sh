@@ -59,7 +59,7 @@ install_carried_wheels() {
 has_module() { "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('$1') else 1)" 2>/dev/null; }
 
 # -- the steps --------------------------------------------------------------------
-TRAIN_COMMON=(train.precision=bf16 train.grad_accum=4 train.max_steps=6 train.warmup_steps=1
+TRAIN_COMMON=(train.precision=bf16 train.max_steps=6 train.warmup_steps=1
               output.save_every=0)
 torchrun_cmd() {  # N-rank launch of launcher/train.py
     local n=$1; shift
@@ -67,7 +67,7 @@ torchrun_cmd() {  # N-rank launch of launcher/train.py
 }
 train_cmd() {  # name config ngpus ep
     local cfg=$2 n=$3 ep=$4
-    torchrun_cmd "$n" --config "$cfg" --deepspeed ds_configs/zero3_ep_bf16.json \
+    torchrun_cmd "$n" --config "$cfg" --deepspeed ds_configs/zero3.json \
         "${TRAIN_COMMON[@]}" parallel.ep_size="$ep" "output.dir=$OUT_DIR/run_$1"
 }
 

@@ -44,7 +44,7 @@ def test_plan_one_and_eight_gpus():
     assert "bench/layer.py --device cuda" in one["bench_layer"]
     for name in ("tiny_1gpu", "smollm2_1gpu"):
         assert "--nproc_per_node 1 " in one[name] and "train.precision=bf16" in one[name]
-        assert "ds_configs/zero3_ep_bf16.json" in one[name]
+        assert "ds_configs/zero3.json" in one[name]
     assert "--nproc_per_node 8 " in eight["tiny_8gpu_ep2"]
     assert "parallel.ep_size=2" in eight["tiny_8gpu_ep2"]
 
