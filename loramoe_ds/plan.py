@@ -202,8 +202,6 @@ def make_plan(
     from loramoe_ds.parallel.groups import validate_ep
 
     ds = resolve_ds_config(run, ds_user, world_size)
-    if run.train.precision == "bf16":
-        ds.setdefault("bf16", {})["enabled"] = True
     hf_cfg, model_dir = hf_config(run)
     n_layers = num_decoder_layers(hf_cfg)
     counts = run.adapter.layer_experts(n_layers)

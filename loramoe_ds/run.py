@@ -98,6 +98,48 @@ def prepare_data(plan: Plan) -> PreparedData:
     return PreparedData(tok, cfg, files, stats)
 
 
+def start_metrics(plan: Plan) -> Any:
+    """Rank 0 starts the trackers of ``output.report_to`` (collective).
+
+    Every rank hears whether rank 0 could, so a tracker that cannot start (an
+    unreachable mlflow server, say) stops every rank instead of leaving the others
+    waiting in the first step.
+
+    Returns:
+        The :class:`~loramoe_ds.train_loop.logger.MetricsLogger` (disabled off rank 0).
+
+    Raises:
+        RuntimeError: ``output.report_to=[...]: rank 0 could not start tracking: ...``.
+    """
+    import torch.distributed as dist
+
+    from loramoe_ds.train_loop.logger import MetricsLogger
+    from loramoe_ds.train_loop.step_metrics import STEP_METRICS, csv_fields
+
+    out = plan.run.output
+    metrics, err, exc = MetricsLogger(out.dir, enabled=False), None, None
+    if dist.get_rank() == 0:
+        try:
+            metrics = MetricsLogger(
+                out.dir,
+                fields=csv_fields(STEP_METRICS),
+                report_to=out.report_to,
+                config=plan.run.to_dict(),
+                run_name=out.run_name,
+            )
+        except Exception as e:  # the other ranks must hear of it, not hang
+            exc, err = e, f"{type(e).__name__}: {e}".splitlines()[0]
+    if dist.get_world_size() > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise RuntimeError(
+            f"output.report_to={out.report_to}: rank 0 could not start tracking: {err}"
+        ) from exc
+    return metrics
+
+
 def train(
     plan: Plan,
     resume: str = "auto",
@@ -135,10 +177,9 @@ def train(
     from loramoe_ds.launch.preempt import PreemptionHandler
     from loramoe_ds.parallel.checkpoint import latest_tag
     from loramoe_ds.parallel.engine import MoETrainer
-    from loramoe_ds.train_loop.logger import MetricsLogger
     from loramoe_ds.train_loop.policy import CheckpointPolicy
     from loramoe_ds.train_loop.step_batches import step_batches
-    from loramoe_ds.train_loop.step_metrics import MetricsAccumulator, csv_fields
+    from loramoe_ds.train_loop.step_metrics import MetricsAccumulator
 
     run = plan.run
     out = Path(run.output.dir)
@@ -148,6 +189,7 @@ def train(
         handler = PreemptionHandler().install()
     data = data or prepare_data(plan)
     init_process_group()  # one process: started only now, after the data was checked
+    metrics = start_metrics(plan)  # before the model loads: a failing tracker costs seconds
     trainer = MoETrainer.build(
         model_factory(plan),
         run.adapter,
@@ -191,7 +233,6 @@ def train(
         stop_after=stop_after,
     )
     acc = MetricsAccumulator(device=trainer.device)
-    metrics = MetricsLogger(out, enabled=is_main, fields=csv_fields(acc.metrics))
     bar = tqdm(total=policy.max_steps, initial=trainer.global_step, disable=not is_main,
                desc="train", dynamic_ncols=True)  # fmt: skip
     if is_main and resumed_from is not None:
