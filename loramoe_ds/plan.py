@@ -1,6 +1,6 @@
 """The plan of a training run: everything resolved and checked before any process group.
 
-Configs, the DeepSpeed JSON, expert-parallel divisibility, the base model's
+Configs, the DeepSpeed JSON, the expert-parallel layout, the base model's
 config and the checkpoint to resume are checked in :func:`make_plan`, on one
 process and in seconds; :meth:`Plan.describe` is what ``--dry-run`` prints.
 The run itself is :mod:`loramoe_ds.run`.
@@ -39,6 +39,10 @@ class Plan:
     """Ranks per node of the planned topology (``--gpus-per-node``), when known."""
     param_counts: tuple[int, int, int, int] | None = None
     """:func:`count_parameters` of this plan (filled by :func:`make_plan`)."""
+    placements: list[str] | None = None
+    """Each decoder layer's bank placement, ``"sharded"`` / ``"replicated"``
+    (:func:`~loramoe_ds.parallel.layout.layer_placements`; filled by :func:`make_plan`,
+    handed to the trainer)."""
 
     @property
     def optim(self) -> OptimizerSettings:
@@ -57,6 +61,30 @@ class Plan:
         t = self.run.train
         return LRSchedule(t.max_steps, t.warmup_steps, t.min_lr_ratio)
 
+    @property
+    def layer_placements(self) -> list[str]:
+        """:attr:`placements`, or the default rule's when not yet resolved."""
+        from loramoe_ds.parallel.layout import layer_placements
+
+        if self.placements is not None:
+            return self.placements
+        return layer_placements(self.experts_per_layer, self.run.parallel.ep_size)
+
+    def describe_placements(self) -> str:
+        """One line: each run of decoder layers with the same bank count and placement."""
+        ep, spans = self.run.parallel.ep_size, []
+        for i, (e, p) in enumerate(zip(self.experts_per_layer, self.layer_placements)):
+            if spans and spans[-1][2:] == [e, p]:
+                spans[-1][1] = i
+            else:
+                spans.append([i, i, e, p])
+        parts = []
+        for lo, hi, e, p in spans:
+            where = f"layer {lo}" if lo == hi else f"layers {lo}-{hi}"
+            how = f"sharded, {e // ep} per EP rank" if p == "sharded" else "replicated"
+            parts.append(f"{where}: {e} experts {how}")
+        return f"expert placement (ep_size {ep}): " + "; ".join(parts)
+
     def describe(self) -> str:
         """The human-readable plan printed by ``--dry-run``."""
         run, W, ep = self.run, self.world_size, self.run.parallel.ep_size
@@ -66,8 +94,16 @@ class Plan:
         bytes_pp = 2 if run.train.precision == "bf16" else 4
         stage = run.parallel.zero_stage
         base_rank = n_base * bytes_pp / (W if stage == 3 else 1)
-        # expert params: local shard; fp32 master + 2 Adam moments + grad = 16 B/param
-        expert_rank = n_expert / ep * 16
+        # expert params: local shard of a sharded bank (1/ep), a replicated bank like the
+        # routers; fp32 master + 2 Adam moments + grad = 16 B/param
+        placed = self.layer_placements
+        counts = self.experts_per_layer
+        sharded_frac = sum(e for e, p in zip(counts, placed) if p == "sharded") / max(
+            sum(counts), 1
+        )
+        expert_rank = (
+            n_expert * 16 * (sharded_frac / ep + (1 - sharded_frac) / (W if stage >= 1 else 1))
+        )
         router_rank = n_router * 16 / (W if stage >= 1 else 1)
         t = run.train
         lines = [f"world size {W}: {W // ep} expert-parallel group(s) of {ep}"]
@@ -93,7 +129,9 @@ class Plan:
             f"{run.adapter.load_balance_coef}; z-loss {run.adapter.z_loss_coef}",
             f"experts per layer {self.experts_per_layer} "
             f"(total {sum(self.experts_per_layer) * per_linear} over {per_linear} linears/layer;"
-            f" {[e // ep for e in self.experts_per_layer][:8]}... local per EP rank)",
+            f" {[e // ep if p == 'sharded' else e for e, p in zip(counts, placed)][:8]}..."
+            " local per EP rank)",
+            self.describe_placements(),
             f"parameters: frozen base {n_base:,}; trainable routers {n_router:,} + experts "
             f"{n_expert:,} ({100 * (n_router + n_expert) / max(n_base, 1):.2f}% of base)",
             f"batch: micro {run.train.micro_batch_size} x grad_accum {run.train.grad_accum} x "
@@ -158,7 +196,7 @@ def make_plan(
 
     Raises:
         ValueError: Config / DeepSpeed JSON disagreement, an ``ep_size`` that
-            does not divide the world size or some layer's expert count, or a
+            does not divide the world size, or a
             checkpoint to resume that this run cannot continue.
     """
     import sys
@@ -171,8 +209,9 @@ def make_plan(
     counts = run.adapter.layer_experts(n_layers)
     if resume not in (None, "none"):
         check_resume_plan(run, ds, world_size, counts, hf_cfg, resume)
-    validate_ep(run.parallel.ep_size, world_size, counts)
+    placements = validate_ep(run.parallel.ep_size, world_size, counts)
     plan = Plan(run, ds, world_size, rank, n_layers, counts, model_dir, hf_cfg, gpus_per_node)
+    plan.placements = placements
     plan.param_counts = count_parameters(plan)
     n_base, n_router, n_expert, _ = plan.param_counts
     if rank == 0 and n_router + n_expert > n_base:

@@ -201,6 +201,7 @@ def train(
         num_layers=plan.num_layers,
         loss_reduction=run.train.loss_reduction,
         activation_checkpointing=run.train.activation_checkpointing,
+        placements=plan.placements,
     )
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0

@@ -11,7 +11,8 @@ EP group,
   ``j < ep``: the replicas of one expert shard, whose gradients are all-reduced.
 
 Rank ``r`` has EP rank ``r % ep`` and EDP rank ``r // ep``; it holds experts
-``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of every layer (E experts).
+``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of every sharded layer (E experts) and
+the whole bank of every replicated one (:mod:`loramoe_ds.parallel.layout`).
 
 The groups are built with ``torch.distributed.new_group`` (every rank creates
 every group, in the same order, as ``new_group`` requires) rather than through
@@ -23,6 +24,7 @@ this run for a native ``deepspeed.moe`` run (which ZeRO-3 refuses).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,21 +33,35 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def validate_ep(ep_size: int, world_size: int, experts_per_layer: list[int]) -> None:
-    """Check that ``ep_size`` divides the world and every layer's expert count.
+def validate_ep(
+    ep_size: int,
+    world_size: int,
+    experts_per_layer: list[int],
+    placements: Sequence[str] | None = None,
+) -> list[str]:
+    """Check ``ep_size`` against the world and resolve each decoder layer's placement.
 
     Call before creating any process group, so bad input fails fast and the same
-    way on every rank.
+    way on every rank. Any expert count is accepted: a layer whose count
+    ``ep_size`` does not divide is replicated
+    (:func:`~loramoe_ds.parallel.layout.layer_placements`, the placement rule).
 
     Args:
         ep_size: Ranks per expert-parallel group.
         world_size: Total ranks W.
         experts_per_layer: Expert count of each decoder layer (the resolved
             allocation, bottom to top).
+        placements: Optional explicit placement per decoder layer
+            (``"sharded"`` / ``"replicated"``).
+
+    Returns:
+        The placement of each decoder layer.
 
     Raises:
-        ValueError: Naming the offending value (and layer) and the valid choices.
+        ValueError: Naming the offending value and the valid choices.
     """
+    from loramoe_ds.parallel.layout import layer_placements
+
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size={ep_size!r}: must be an int >= 1")
     if world_size % ep_size:
@@ -53,17 +69,7 @@ def validate_ep(ep_size: int, world_size: int, experts_per_layer: list[int]) -> 
             f"ep_size={ep_size} does not divide the world size {world_size}; "
             f"valid ep_size values: {_divisors(world_size)}"
         )
-    for layer, n in enumerate(experts_per_layer):
-        if n % ep_size:
-            common = [
-                d for d in _divisors(world_size) if all(c % d == 0 for c in experts_per_layer)
-            ]
-            raise ValueError(
-                f"layer {layer} has {n} experts, not divisible by ep_size={ep_size} "
-                f"(each EP rank must hold the same number of experts of every layer); "
-                f"valid ep_size for this allocation {list(experts_per_layer)} and world "
-                f"size {world_size}: {common}; or choose expert counts divisible by {ep_size}"
-            )
+    return layer_placements(experts_per_layer, ep_size, placements)
 
 
 def ep_layout(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -64,6 +64,28 @@ def test_nodes_times_gpus_per_node(launcher, capsys):
     assert "EP groups span nodes" in capsys.readouterr().out
 
 
+def test_any_allocation_at_any_ep_size(launcher, capsys):
+    """The issue's case: MoLA 2468 at ep_size 4 plans, each layer's placement printed."""
+    argv = ["--config", CONFIG, "--dry-run", "--world-size", "4", "adapter.router=topk",
+            "adapter.top_k=2", "adapter.num_experts=inverted_triangle", "parallel.ep_size=4",
+            "train.micro_batch_size=2", "model.tiny_layers=8"]  # fmt: skip
+    assert launcher.main(argv) == 0
+    out = capsys.readouterr().out
+    assert (
+        "expert placement (ep_size 4): layers 0-1: 2 experts replicated; layers 2-3: 4 experts "
+        "sharded, 1 per EP rank; layers 4-5: 6 experts replicated; layers 6-7: 8 experts "
+        "sharded, 2 per EP rank"
+    ) in out
+    assert "[2, 2, 1, 1, 6, 6, 2, 2]... local per EP rank" in out
+    argv[argv.index("parallel.ep_size=4")] = "parallel.ep_size=2"
+    assert launcher.main(argv) == 0
+    assert (
+        "expert placement (ep_size 2): layers 0-1: 2 experts sharded, 1 per EP rank; layers 2-3: "
+        "4 experts sharded, 2 per EP rank; layers 4-5: 6 experts sharded, 3 per EP rank; layers "
+        "6-7: 8 experts sharded, 4 per EP rank"
+    ) in capsys.readouterr().out
+
+
 def test_laptop_dry_run_without_topology_says_how(launcher, capsys):
     """The issue's case: ep_size 2 on a 1-process dry run fails, and the message says what to do."""
     assert launcher.main(["--config", CONFIG, "--dry-run"]) == 2
