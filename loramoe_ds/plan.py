@@ -9,6 +9,8 @@ The run itself is :mod:`loramoe_ds.run`.
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,57 @@ def make_plan(
             flush=True,
         )
     return plan
+
+
+def check_accelerator(precision: str, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a bf16 run that would silently fall back to the CPU and gloo.
+
+    DeepSpeed picks its accelerator by what torch sees: with a CPU-only torch
+    build (or no visible GPU) a bf16 GPU job would train on the CPU, over gloo,
+    more than 15x slower than fp32 there. ``DS_ACCELERATOR=cpu`` says the CPU is
+    meant (tests, the CPU demo) and passes.
+
+    Raises:
+        ValueError: ``train.precision=bf16`` and torch sees no CUDA device.
+    """
+    environ = os.environ if environ is None else environ
+    if precision != "bf16" or environ.get("DS_ACCELERATOR") == "cpu":
+        return
+    if torch.cuda.is_available():
+        return
+    build = (
+        "a CPU-only build"
+        if torch.version.cuda is None
+        else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+    )
+    raise ValueError(
+        f"train.precision=bf16: torch {torch.__version__} ({build}) sees no CUDA device, so "
+        "DeepSpeed would train on the CPU over gloo; install a CUDA build of torch (check "
+        "CUDA_VISIBLE_DEVICES and nvidia-smi), or set DS_ACCELERATOR=cpu to use the CPU on "
+        "purpose (train.precision=fp32 is much faster there)"
+    )
+
+
+def check_attention(attn_implementation: str) -> None:
+    """Refuse ``flash_attention_2`` where it cannot run, before any process group.
+
+    Raises:
+        ValueError: The ``flash-attn`` package is missing, or torch sees no GPU.
+    """
+    if not attn_implementation.startswith("flash"):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            f"model.attn_implementation={attn_implementation}: the flash-attn package is not "
+            "installed (pip install .[flash], on a CUDA machine); or use sdpa"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"model.attn_implementation={attn_implementation}: flash attention runs on CUDA "
+            "GPUs only and torch sees none; use sdpa"
+        )
 
 
 def checkpoint_source(run: RunConfig, resume: str) -> Path:

@@ -215,6 +215,7 @@ def train(
         is_main=is_main,
         barrier=dist.barrier,
         global_batch=int(plan.ds_config["train_batch_size"]),
+        flash_attn_kwargs=run.model.attn_implementation.startswith("flash"),
     )
     if is_main:
         print(f"[data] {loader.stats}", flush=True)

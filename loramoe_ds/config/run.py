@@ -45,6 +45,9 @@ LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
+ATTN_IMPLEMENTATIONS = ("default", "sdpa", "eager", "flash_attention_2")
+
+
 @dataclass
 class ModelConfig:
     """Which base model to load."""
@@ -60,7 +63,16 @@ class ModelConfig:
     tiny_hidden: int = 64
     """Hidden size of a ``tiny-*`` model."""
 
+    attn_implementation: str = "default"
+    """transformers' attention kernel: ``default`` (transformers' choice: SDPA
+    where the architecture supports it, else eager), ``sdpa``, ``eager``, or
+    ``flash_attention_2`` (GPUs, bf16; needs the optional
+    ``flash-attn`` package: ``pip install .[flash]``). With packing,
+    ``flash_attention_2`` takes the varlen path (the batch carries the
+    sequence boundaries) instead of a block-diagonal mask."""
+
     def __post_init__(self) -> None:
+        check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if not self.name:
             raise ValueError("model.name='': empty; use 'smollm2', 'tiny-llama' or a model dir")
         if self.name.startswith("tiny-") and self.name[5:] not in TINY_ARCHS:

@@ -76,9 +76,14 @@ then ``engine.step()`` steps the engine tensors and the schedule. With no sharde
 bank DeepSpeed does all of this itself (its clipping then sees every trainable
 parameter).
 
-Precision: fp32 on CPU; ``bf16`` in the DeepSpeed config for GPUs (engine
-parameters bf16 with fp32 master weights; EP banks are fp32 master weights,
-activations travel in bf16 and are cast for the expert compute).
+Precision (docs/design.md, "Precision"): fp32 on CPU; ``bf16`` in the DeepSpeed
+config for GPUs. Then the frozen base and every engine parameter (routers; banks
+when replicated) are bf16, with fp32 master weights and Adam state in DeepSpeed's
+optimizer, in every ZeRO stage: :func:`~loramoe_ds.model.inject.inject` gives
+routers and banks the base's dtype, because under ZeRO-3 DeepSpeed does not cast
+parameters made after ``zero.Init``. EP banks are fp32 (their own AdamW);
+activations travel in bf16 and the banks are cast to it for the expert compute.
+Router logits and softmax are fp32 (:mod:`~loramoe_ds.model.router`).
 
 Losses (``loss_reduction``): ``token_mean`` (default) makes the LM loss of an
 optimizer step the summed token CE over every labelled token of all ranks and GAS

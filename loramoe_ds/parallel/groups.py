@@ -148,7 +148,8 @@ def bind_cuda_device() -> int | None:
     would run on cuda:0 while DeepSpeed binds the communicator to
     cuda:LOCAL_RANK. A site that shows each task only its own GPU
     (``CUDA_VISIBLE_DEVICES`` of one device) makes ``LOCAL_RANK`` out of range:
-    the index is ``LOCAL_RANK % device_count``. No-op without CUDA.
+    the index is ``LOCAL_RANK % device_count``, and ``LOCAL_RANK`` is set to it
+    for DeepSpeed, which indexes ``cuda:LOCAL_RANK`` itself. No-op without CUDA.
 
     Returns:
         The device index set, or ``None`` without CUDA.
@@ -159,8 +160,13 @@ def bind_cuda_device() -> int | None:
 
     if not torch.cuda.is_available():
         return None
-    index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    index = local_rank % max(torch.cuda.device_count(), 1)
     torch.cuda.set_device(index)
+    if index != local_rank:
+        # DeepSpeed indexes cuda:LOCAL_RANK itself (the NCCL device_id at init,
+        # the engine's set_device, zero.Init's device): point it at this GPU too.
+        os.environ["LOCAL_RANK"] = str(index)
     return index
 
 

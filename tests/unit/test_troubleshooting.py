@@ -30,6 +30,7 @@ CONFIG_CASES = [
     (["adapter.router=dense"], "valid values ['soft', 'topk']"),
     (["adapter.capacity_factor=1.0"], "only meaningful with router='topk'"),
     (["model.name=tiny-gpt"], "tiny models are tiny-llama, tiny-qwen2, tiny-mistral"),
+    (["model.attn_implementation=flash"], "model.attn_implementation='flash': valid values"),
     (["train.global_batch_size=10"], "train.global_batch_size=10 but micro_batch_size"),
     (["output.report_to=comet"], "valid values ['csv', 'tensorboard', 'wandb', 'mlflow']"),
 ]
