@@ -66,7 +66,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-SHARDED, REPLICATED = "sharded", "replicated"
+from loramoe_ds.placement import REPLICATED, SHARDED
+
 GIB = 2**30
 
 

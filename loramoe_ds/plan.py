@@ -23,6 +23,7 @@ from loramoe_ds.config.run import AUTO
 from loramoe_ds.lr_schedule import LRSchedule, lr_ratio
 from loramoe_ds.model.inject import num_decoder_layers
 from loramoe_ds.parallel.settings import OptimizerSettings
+from loramoe_ds.placement import layer_placements
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Plan:
     """The cost model's options and choice (:func:`resolve_layout`; filled by :func:`make_plan`)."""
     placements: list[str] | None = None
     """Each decoder layer's bank placement, ``"sharded"`` / ``"replicated"``
-    (:func:`~loramoe_ds.parallel.layout.layer_placements`; filled by :func:`make_plan`,
+    (:func:`~loramoe_ds.placement.layer_placements`; filled by :func:`make_plan`,
     handed to the trainer)."""
 
     @property
@@ -68,8 +69,6 @@ class Plan:
     @property
     def layer_placements(self) -> list[str]:
         """:attr:`placements`, or the default rule's when not yet resolved."""
-        from loramoe_ds.parallel.layout import layer_placements
-
         if self.placements is not None:
             return self.placements
         return layer_placements(self.experts_per_layer, self.run.parallel.ep_size)

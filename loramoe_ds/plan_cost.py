@@ -240,11 +240,11 @@ def options(
     ``parallel.ep_size: auto`` tries every divisor of the world size that divides
     some layer's expert count, placing each layer by :func:`cost_model.choose_placements
     <loramoe_ds.cost_model.choose_placements>`; a fixed ``ep_size`` keeps the
-    layout's default rule (:func:`~loramoe_ds.parallel.layout.layer_placements`).
+    layout's default rule (:func:`~loramoe_ds.placement.layer_placements`).
     ``zero_stage: auto`` tries 2 and 3 unless the DeepSpeed JSON (``ds_stage``) fixes it.
     """
     from loramoe_ds.config.run import AUTO
-    from loramoe_ds.parallel.layout import layer_placements
+    from loramoe_ds.placement import layer_placements
 
     out = []
     ep_fixed, stage_fixed = run.parallel.ep_size, run.parallel.zero_stage

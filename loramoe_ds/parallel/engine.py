@@ -40,7 +40,7 @@ What :meth:`MoETrainer.build` does, in order:
    full adapter state (``init_state``) overwrites them.
 5. :meth:`AdapterLayout.build <loramoe_ds.parallel.layout.AdapterLayout.build>`
    records who owns each router and expert tensor, placing each decoder
-   layer's banks by :func:`~loramoe_ds.parallel.layout.layer_placements`
+   layer's banks by :func:`~loramoe_ds.placement.layer_placements`
    (``placements``, or by default: sharded where ``ep_size > 1`` divides the
    layer's expert count, replicated elsewhere). A *sharded* bank is cut to its
    local shard (global experts ``[ep_rank*L, (ep_rank+1)*L)``), the layer gets
@@ -132,13 +132,14 @@ from loramoe_ds.parallel.groups import (
     init_process_group,
     validate_ep,
 )
-from loramoe_ds.parallel.layout import SHARDED, AdapterLayout
+from loramoe_ds.parallel.layout import AdapterLayout
 from loramoe_ds.parallel.settings import OptimizerSettings
 from loramoe_ds.parallel.token_mean import (
     count_label_tokens,
     micro_batch_divisor,
     step_label_tokens,
 )
+from loramoe_ds.placement import SHARDED
 
 CLIP_EPS = 1e-6
 NOT_DEEPSPEED_KEYS = ("optimizer", "scheduler", "gradient_clipping")
@@ -266,7 +267,7 @@ class MoETrainer:
             activation_checkpointing: Non-reentrant checkpoint per decoder layer.
             placements: Explicit placement of each decoder layer's banks
                 (``"sharded"`` / ``"replicated"``); ``None``: the default rule
-                (:func:`~loramoe_ds.parallel.layout.layer_placements`).
+                (:func:`~loramoe_ds.placement.layer_placements`).
 
         Raises:
             ValueError: Bad ``ep_size`` / ``placements`` (before any process-group

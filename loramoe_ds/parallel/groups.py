@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loramoe_ds.placement import layer_placements
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -44,7 +46,7 @@ def validate_ep(
     Call before creating any process group, so bad input fails fast and the same
     way on every rank. Any expert count is accepted: a layer whose count
     ``ep_size`` does not divide is replicated
-    (:func:`~loramoe_ds.parallel.layout.layer_placements`, the placement rule).
+    (:func:`~loramoe_ds.placement.layer_placements`, the placement rule).
 
     Args:
         ep_size: Ranks per expert-parallel group.
@@ -60,8 +62,6 @@ def validate_ep(
     Raises:
         ValueError: Naming the offending value and the valid choices.
     """
-    from loramoe_ds.parallel.layout import layer_placements
-
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size={ep_size!r}: must be an int >= 1")
     if world_size % ep_size:

@@ -9,7 +9,8 @@ Every adapted linear has a router ``<linear>.router.weight`` and an expert bank
 
 * Routers are always DeepSpeed (ZeRO) parameters: every rank holds them (ZeRO
   partitions them), DeepSpeed's optimizer holds their Adam state.
-* Each decoder layer's banks have one *placement* (:func:`layer_placements`):
+* Each decoder layer's banks have one *placement* (:func:`layer_placements`, in
+  :mod:`loramoe_ds.placement`):
 
   - :data:`SHARDED`: EP rank ``p`` holds global experts ``[p*L, (p+1)*L)`` in a
     shard bank owned by the layer's
@@ -55,6 +56,7 @@ from loramoe_ds.model.lm import LoRAMoEModel
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
 from loramoe_ds.parallel.groups import ExpertGroups
+from loramoe_ds.placement import REPLICATED, SHARDED, layer_placements
 
 BANK_TENSORS = ("lora_A", "lora_B")
 
@@ -62,55 +64,6 @@ ENGINE = "engine"
 """Owner: DeepSpeed (a ZeRO parameter; Adam state in the engine's optimizer)."""
 EXPERTS = "experts"
 """Owner: this rank's expert shard (Adam state in the ExpertOptimizer)."""
-
-SHARDED = "sharded"
-"""Placement: the bank is split over the EP group (E / P experts per rank, all-to-all)."""
-REPLICATED = "replicated"
-"""Placement: every rank holds the whole bank as an engine parameter (local mixture)."""
-PLACEMENTS = (SHARDED, REPLICATED)
-"""The placements of a decoder layer's banks (``placements`` lists one per layer)."""
-
-
-def layer_placements(
-    counts: Sequence[int], ep_size: int, placements: Sequence[str] | None = None
-) -> list[str]:
-    """The placement of each decoder layer's banks: the one rule (module docstring).
-
-    Pure; call before any process group (``validate_ep`` does).
-
-    Args:
-        counts: Expert count of each decoder layer, bottom to top.
-        ep_size: P, ranks per EP group.
-        placements: An explicit placement per decoder layer (:data:`PLACEMENTS`),
-            or ``None`` for the default: :data:`SHARDED` where ``P > 1`` divides
-            the layer's count, :data:`REPLICATED` elsewhere.
-
-    Returns:
-        One of :data:`PLACEMENTS` per decoder layer.
-
-    Raises:
-        ValueError: ``placements`` of the wrong length, with an unknown value,
-            or sharding a layer whose count ``P`` does not divide (or ``P == 1``).
-    """
-    counts = list(counts)
-    if placements is None:
-        return [SHARDED if ep_size > 1 and n % ep_size == 0 else REPLICATED for n in counts]
-    placements = list(placements)
-    if len(placements) != len(counts):
-        raise ValueError(
-            f"placements={placements}: {len(placements)} entries for {len(counts)} decoder "
-            f"layers (experts per layer {counts}); give one of {list(PLACEMENTS)} per layer"
-        )
-    for i, (p, n) in enumerate(zip(placements, counts)):
-        if p not in PLACEMENTS:
-            raise ValueError(f"placements[{i}]={p!r}: must be one of {list(PLACEMENTS)}")
-        if p == SHARDED and (ep_size == 1 or n % ep_size):
-            raise ValueError(
-                f"placements[{i}]={p!r}: layer {i} has {n} experts, which ep_size={ep_size} "
-                f"cannot split evenly{' (no expert-parallel group)' if ep_size == 1 else ''}; "
-                f"use {REPLICATED!r} for it"
-            )
-    return placements
 
 
 @dataclass(frozen=True)
