@@ -1,4 +1,4 @@
-"""The cost model (loramoe_ds/cost_model.py) against a real run: bytes by collective, memory.
+"""The cost model (loramoe_ds/cost_model/) against a real run: bytes by collective, memory.
 
     python bench/plan_check.py                      # tiny + SmolLM2, 2 and 4 ranks, packed and not
     python bench/plan_check.py --models tiny --worlds 2 --steps 2

@@ -308,7 +308,7 @@ def describe_options(
     else:
         lines0 = []
     lines = lines0 + [
-        "predicted per rank per optimizer step (loramoe_ds/cost_model.py; bytes = collective "
+        "predicted per rank per optimizer step (loramoe_ds/cost_model/; bytes = collective "
         f"buffers, wire = sent over a ring; memory budget {cm.human_bytes(budget)} from {where}):"
     ]
     for o in opts:

@@ -1,4 +1,4 @@
-"""The bytes model (loramoe_ds/cost_model.py) against collectives counted in a real run.
+"""The bytes model (loramoe_ds/cost_model/) against collectives counted in a real run.
 
 Two gloo ranks train the tiny model through the real path (``make_plan`` ->
 ``prepare_data`` -> ``train``) with every ``torch.distributed`` call counted

@@ -187,13 +187,18 @@ def test_dry_run_small_budget_forces_zero3(launcher, capsys, tmp_path):
 
 
 def test_cost_model_is_pure_arithmetic():
-    """cost_model.py imports the standard library and placement.py; placement.py the stdlib only."""
+    """cost_model/ imports the stdlib, placement.py and itself; placement.py the stdlib only."""
     import ast
     import sys
 
-    for name, allowed in (("cost_model", {"loramoe_ds.placement"}), ("placement", set())):
-        tree = ast.parse((ROOT / "loramoe_ds" / f"{name}.py").read_text())
+    files = sorted((ROOT / "loramoe_ds" / "cost_model").glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "collectives.py", "memory.py"}, files
+    own = {"loramoe_ds.cost_model." + f.stem for f in files} | {"loramoe_ds.cost_model"}
+    cases = [(f, own | {"loramoe_ds.placement"}) for f in files]
+    cases.append((ROOT / "loramoe_ds" / "placement.py", set()))
+    for path, allowed in cases:
+        tree = ast.parse(path.read_text())
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         foreign = {m for m in mods if m.split(".")[0] not in sys.stdlib_module_names} - allowed
-        assert not foreign, (name, foreign)
+        assert not foreign, (path.name, foreign)

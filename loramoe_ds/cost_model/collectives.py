@@ -1,0 +1,224 @@
+"""Bytes each collective moves in one optimizer step, per rank (DeepSpeed 0.19.8, this code).
+
+**Byte convention.** A collective's bytes are its full buffer, as handed to
+``torch.distributed``: ``all_reduce`` / ``broadcast`` the tensor,
+``all_gather*`` the gathered output, ``reduce_scatter*`` the unreduced input,
+``all_to_all_single`` the rows this rank hands in (its rows to itself
+included). What crosses the wire per rank is :func:`wire_bytes` (ring
+algorithms): ``(n-1)/n`` of the buffer for all-gather, reduce-scatter and
+all-to-all over n ranks, ``2(n-1)/n`` for all-reduce.
+
+**Per optimizer step, per rank** (the code path each term follows):
+
+* ``zero3_param_allgather`` (ZeRO-3; DeepSpeed 0.19.8 ``partition_parameters``):
+  every engine parameter (frozen base, routers, replicated banks) larger than
+  ``stage3_param_persistence_threshold`` is all-gathered to ``ceil(n/W)*W``
+  elements at its module's forward, again at its backward (all but the input
+  embedding, whose backward needs no weight), and once more per decoder layer
+  when activation checkpointing recomputes it: ``G * (fwd + bwd [+ recompute])``.
+  Persistent parameters (at most the threshold) are all-gathered once per step,
+  after the optimizer step.
+* ``engine_grad_reduce``: the gradients of the trainable engine parameters
+  (routers, replicated banks), ``reduce_scatter`` of ``ceil(n/W)*W`` elements in
+  the gradient dtype at every micro-batch's backward (ZeRO-2 and 3 reduce as the
+  gradients arrive).
+* ``clip_grad_allgather`` (expert parallelism with sharded layers): the joint
+  clip reads every engine gradient in full (``safe_get_full_grad``): one fp32
+  all-gather of ``ceil(n/W)*W`` elements each, once per step (ZeRO-3; under
+  ZeRO-2 the partitions are gathered by DeepSpeed's norm instead, not counted).
+* ``ep_counts_a2a``: per sharded linear and micro-batch forward (and recompute):
+  int64 counts, P (soft) or E (top-k) of them.
+* ``ep_rows_a2a``: per sharded linear and micro-batch, forward out and back
+  plus the reverse in backward (plus the forward again when recomputed). Soft:
+  every token once per EP rank with its L gates, ``P*T*(D+L)`` out and
+  ``P*T*O`` back; top-k (dropless): ``T*K*D`` out, ``T*K*O`` back; elements of
+  ``a`` bytes.
+* ``expert_grad_allreduce``: the local shards' fp32 gradients, summed over the
+  EDP group (W/P ranks) once per step.
+* ``grad_norm_allreduce``: the shards' squared norm, 4 bytes over the EP group.
+* ``token_mean_allreduce``: ``N_step``, 8 bytes (``train.loss_reduction=token_mean``).
+* ``metrics_allreduce``: the step metrics, 8 bytes per value, once per step.
+* ``aux_scope`` (``adapter.aux_loss_scope=global_batch``): per micro-batch, the
+  row counts (8 bytes per rank), the padded rows of the aux-loss sums
+  all-gathered, and their all-reduce in backward.
+
+The EP-vs-replicated crossover of docs/benchmarks.md (top-k at P = W:
+``T* = 3 E R / (2 K)`` tokens per rank) is this model's comparison of
+``ep_rows_a2a`` with the replicated bank's ZeRO-3 traffic, layer by layer.
+"""
+
+from __future__ import annotations
+
+from loramoe_ds.cost_model.workload import (
+    LinearShape,
+    ModelShapes,
+    ModuleShape,
+    Workload,
+    pad,
+    split_linears,
+)
+from loramoe_ds.placement import SHARDED
+
+
+def wire_bytes(kind: str, buffer: float, n: int) -> float:
+    """Bytes one rank sends for a ring collective over ``n`` ranks (module docstring)."""
+    if n <= 1:
+        return 0.0
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * buffer
+    return (n - 1) / n * buffer
+
+
+# collective -> (kind for wire_bytes, group: "world" | "ep" | "edp")
+COLLECTIVES = {
+    "zero3_param_allgather": ("all_gather", "world"),
+    "engine_grad_reduce": ("reduce_scatter", "world"),
+    "clip_grad_allgather": ("all_gather", "world"),
+    "ep_counts_a2a": ("all_to_all", "ep"),
+    "ep_rows_a2a": ("all_to_all", "ep"),
+    "expert_grad_allreduce": ("all_reduce", "edp"),
+    "grad_norm_allreduce": ("all_reduce", "ep"),
+    "token_mean_allreduce": ("all_reduce", "world"),
+    "metrics_allreduce": ("all_reduce", "world"),
+    "aux_scope": ("all_gather", "world"),
+}
+
+
+def rows_bytes(lin: LinearShape, w: Workload, passes: int) -> float:
+    """``ep_rows_a2a`` buffer bytes of one sharded linear, one micro-batch.
+
+    Each forward pass (the forward, and the recompute under activation
+    checkpointing) sends rows out and back; the backward reverses both, except
+    that a top-k linear whose input needs no gradient gets no input rows back
+    (soft: the gates travel with the rows and always need theirs).
+    """
+    P, T, a = w.ep_size, w.tokens, w.act_bytes
+    fwd_passes = passes - 1
+    if w.router == "soft":
+        L = lin.experts // P
+        return passes * P * T * (lin.d_in + L + lin.d_out) * a
+    fwd = T * w.top_k * (lin.d_in + lin.d_out) * a
+    bwd = T * w.top_k * (lin.d_out + (lin.d_in if lin.input_grad else 0)) * a
+    return fwd_passes * fwd + bwd
+
+
+def collective_bytes(shapes: ModelShapes, w: Workload) -> tuple[dict[str, float], dict[str, float]]:
+    """Buffer and wire bytes per collective of one optimizer step on one rank (module docstring).
+
+    Args:
+        shapes: The model.
+        w: The workload and layout (``w.placements`` one per decoder layer).
+
+    Returns:
+        ``(buffer bytes, wire bytes)``, each keyed by the names of :data:`COLLECTIVES`.
+    """
+    W, P, G, b = w.world, w.ep_size, w.gas, w.param_bytes
+    sharded, rep = split_linears(shapes, w)
+    passes = 2 + (1 if w.activation_checkpointing else 0)  # fwd, bwd [, recompute]
+    fwd_passes = 1 + (1 if w.activation_checkpointing else 0)
+    by: dict[str, float] = {}
+
+    # -- engine parameters: base, routers, replicated banks ----------------
+    trainable = [lin.router_params for lin in shapes.linears] + [
+        lin.experts * lin.rank * d for lin in rep for d in (lin.d_in, lin.d_out)
+    ]
+    if W > 1 and w.zero_stage == 3:
+        by["zero3_param_allgather"] = zero3_gathered_elements(shapes, w) * b
+    if W > 1 and w.zero_stage >= 2:
+        by["engine_grad_reduce"] = G * sum(pad(n, W) for n in trainable) * b
+        if sharded and w.zero_stage == 3:
+            by["clip_grad_allgather"] = sum(pad(n, W) for n in trainable) * 4
+    # -- expert parallelism ----------------------------------------------
+    if sharded:
+        per_counts = (P if w.router == "soft" else 0) * 8
+        by["ep_counts_a2a"] = (
+            G * fwd_passes * sum((per_counts or lin.experts * 8) for lin in sharded)
+        )
+        by["ep_rows_a2a"] = G * sum(rows_bytes(lin, w, passes) for lin in sharded)
+        if W // P > 1:
+            by["expert_grad_allreduce"] = sum(lin.bank_params // P for lin in sharded) * 4
+        by["grad_norm_allreduce"] = 4.0
+    # -- small all-reduces ----------------------------------------------
+    if W > 1:
+        if w.token_mean:
+            by["token_mean_allreduce"] = 8.0
+        by["metrics_allreduce"] = 8.0 * w.metrics
+        if w.aux_global:
+            cols = sum(lin.slots for lin in shapes.linears)
+            rows = W * w.records * cols * 4 * 2  # gathered, and all-reduced in backward
+            by["aux_scope"] = G * fwd_passes * (W * 8 + rows)
+    groups = {"world": W, "ep": P, "edp": W // P}
+    wire = {k: wire_bytes(COLLECTIVES[k][0], v, groups[COLLECTIVES[k][1]]) for k, v in by.items()}
+    return by, wire
+
+
+def zero3_trace(shapes: ModelShapes, w: Workload) -> list[ModuleShape]:
+    """The modules one micro-batch fetches, in order: forward, then backward.
+
+    Backward: the LM head, every router (the aux losses reach them first), the
+    final norm, then each decoder layer top-down -- its forward again when
+    activation checkpointing recomputes it, then its modules that run backward
+    in reverse. Banks of sharded layers are not engine parameters: left out.
+    """
+    sharded = {i for i, p in enumerate(w.placements) if p == SHARDED and w.ep_size > 1}
+    mods = [
+        m for m in shapes.modules
+        if not (m.kind == "bank" and shapes.linears[m.linear].layer in sharded)
+    ]  # fmt: skip
+    fwd = list(mods)
+    outside = [m for m in mods if m.layer < 0]
+    embed = outside[0] if outside else None
+    tail = [m for m in outside if m is not embed]
+    bwd: list[ModuleShape] = []
+    if tail:
+        bwd.append(tail[-1])  # LM head
+    bwd += [m for m in reversed(mods) if m.kind == "router"]
+    bwd += [m for m in reversed(tail[:-1]) if m.backward]
+    for layer in reversed(range(shapes.num_layers)):
+        in_layer = [m for m in mods if m.layer == layer]
+        if w.activation_checkpointing:
+            bwd += in_layer
+        bwd += [m for m in reversed(in_layer) if m.backward and m.kind != "router"]
+    return fwd + bwd
+
+
+def zero3_gathered_elements(shapes: ModelShapes, w: Workload) -> int:
+    """Elements ZeRO-3 all-gathers in one optimizer step (DeepSpeed 0.19.8's coordinator).
+
+    Per micro-batch, over :func:`zero3_trace`: a non-persistent parameter is
+    gathered (``ceil(n/W)*W`` elements) when its module is fetched and it is not
+    available; after the module it is released unless it is used again within
+    ``stage3_max_reuse_distance`` elements of the modules that follow
+    (``PartitionedParameterCoordinator.__params_to_release``). Everything is
+    released at the end of the micro-batch. Parameters of at most
+    ``stage3_param_persistence_threshold`` elements stay gathered; they are
+    gathered once per step after the optimizer step (``_post_step``).
+    """
+    W, thr, reuse = w.world, w.persistence_threshold, w.max_reuse_distance
+    trace = zero3_trace(shapes, w)
+    sizes = [sum(n for _, n in m.params) for m in trace]
+    prefix = [0]
+    for n in sizes:
+        prefix.append(prefix[-1] + n)
+    where: dict[int, list[int]] = {}
+    for i, m in enumerate(trace):
+        for pid, _ in m.params:
+            where.setdefault(pid, []).append(i)
+    avail: set[int] = set()
+    per_micro = 0
+    persist: dict[int, int] = {}
+    for i, m in enumerate(trace):
+        for pid, n in m.params:
+            if n <= thr:
+                persist[pid] = n
+            elif pid not in avail:
+                per_micro += pad(n, W)
+                avail.add(pid)
+        for pid, n in m.params:
+            if n <= thr:
+                continue
+            later = [j for j in where[pid] if j > i]
+            # kept when its next use starts before the scan has traversed `reuse` elements
+            if not later or prefix[later[0]] - prefix[i + 1] >= reuse:
+                avail.discard(pid)
+    return w.gas * per_micro + sum(pad(n, W) for n in persist.values())
