@@ -18,9 +18,15 @@ to a collective of the model by its caller (:data:`ATTRIBUTION`).
 
 Memory of a rank (measured): the storage bytes of every live tensor at the
 start of the first counted step (a ``gc`` scan, storages counted once) plus the
-peak increase of torch's CPU allocations during one step (``torch.profiler``
-memory events, running sum of allocations minus frees). The prediction is
-:func:`loramoe_ds.cost_model.predict`'s memory items.
+peak growth of the process's resident set during each counted step: ``VmHWM``
+after the step minus ``VmRSS`` before it, the high-water mark reset
+(``/proc/self/clear_refs``) at the step's start, as ``bench/memory.py`` does.
+The ranks run with glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+at 64 KiB (:data:`MALLOC_ENV`), so every tensor above 64 KiB is its own mapping,
+returned to the kernel when freed: the resident set then follows the live
+tensors instead of keeping freed memory cached in malloc's arenas (torch has no
+CPU caching allocator). The prediction is :func:`loramoe_ds.cost_model.predict`'s
+memory items.
 
 Each rank writes a JSON record; the driver compares with the prediction for the
 token counts the ranks actually saw and prints one table.
@@ -199,20 +205,17 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def step_peak_bytes(prof) -> int:
-    """Peak of the running sum of CPU allocations minus frees over a profiled window."""
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+"""glibc malloc settings of every rank: allocations above 64 KiB mapped alone and unmapped
+when freed, the heap trimmed above 64 KiB free (module docstring)."""
 
-    def delta(e) -> int:
-        # "[memory]" events are allocations / frees outside any op (e.g. ZeRO-3 releasing a
-        # gathered parameter); an op's own allocations net of its frees are its self usage.
-        return e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
 
-    evs = sorted((e for e in prof.events() if delta(e)), key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in evs:
-        cur += delta(e)
-        peak = max(peak, cur)
-    return peak
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(args) -> None:
@@ -246,11 +249,11 @@ def worker(args) -> None:
             [int((b["labels"][..., 1:] != -100).sum()) for b in micro_batches]
         )
         counter.active = True
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = orig_step(self, micro_batches, grad_hook)
-        rec["peak"].append(step_peak_bytes(prof))
+        gc.collect()
+        before = _status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+        out = orig_step(self, micro_batches, grad_hook)
+        rec["peak"].append(_status_bytes("VmHWM") - before)
         return out
 
     def metrics_step(self, result):
@@ -292,7 +295,7 @@ def launch(
                    WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false")  # fmt: skip
+                   TOKENIZERS_PARALLELISM="false", **MALLOC_ENV)  # fmt: skip
         cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--config", config,
                *(["--deepspeed", ds] if ds else []), *overrides]  # fmt: skip
         log = open(out / f"rank{r}.log", "w")  # noqa: SIM115
@@ -384,7 +387,8 @@ def measure(name, config, overrides, world, packing, ds, steps, out_root) -> dic
 
     Returns:
         ``{"tag", "pred": {collective: B}, "meas": {collective: B},
-        "memory": [(rank, predicted B, measured B, resident B, step peak B)], "wall"}``.
+        "memory": [(rank, predicted B, measured B, resident B, step peak B, predicted
+        state B, predicted activations B, predicted items)], "wall"}``.
     """
     ov = [*overrides, f"data.packing={str(packing).lower()}", f"output.dir={out_root}/run",
           "output.save_every=0", f"train.max_steps={steps + WARMUP_STEPS}"]  # fmt: skip
@@ -399,11 +403,13 @@ def measure(name, config, overrides, world, packing, ds, steps, out_root) -> dic
     for rec in recs:
         for k, v in rec["bytes"].items():
             meas[k] += v
-        by, mem, _ = predicted(config, ov, rec, world, ds)
+        by, mem, ckpt = predicted(config, ov, rec, world, ds)
         for k, v in by.items():
             pred[k] += v
         got = rec["resident"] + max(rec["peak"])
-        mem_rows.append((rec["rank"], mem["peak"], got, rec["resident"], max(rec["peak"])))
+        act = mem["activations_ckpt" if ckpt else "activations_no_ckpt"]
+        mem_rows.append((rec["rank"], mem["peak"], got, rec["resident"], max(rec["peak"]),
+                         mem["peak"] - act, act, mem))  # fmt: skip
     tag = f"{name:9s} W={world} {'packed' if packing else 'padded'}"
     return {"tag": tag, "pred": dict(pred), "meas": dict(meas), "memory": mem_rows,
             "wall": wall, "steps": steps}  # fmt: skip
@@ -418,10 +424,11 @@ def table_rows(res: dict) -> list[str]:
         ratio = f"{p / m:6.3f}" if m else "   -  "
         note = "   (not modelled)" if k in UNMODELLED else ""
         rows.append(f"{tag:24s} {k:24s} {p:14,.0f} {m:14,.0f} {ratio}{note}")
-    for r, p, m, res_b, pk in res["memory"]:
+    for r, p, m, res_b, pk, state, act, _ in res["memory"]:
         rows.append(
             f"{tag:24s} {'memory rank ' + str(r):24s} {p:14,.0f} {m:14,.0f} {p / m:6.3f}"
-            f"   (resident {res_b / 2**20:.1f} MiB + step peak {pk / 2**20:.1f} MiB)"
+            f"   (measured: resident {res_b / 2**20:.1f} + step peak {pk / 2**20:.1f} MiB;"
+            f" predicted: state {state / 2**20:.1f} + activations {act / 2**20:.1f} MiB)"
         )
     rows.append(f"{tag:24s} ({res['wall']:.0f} s wall, {res['steps']} counted step(s))")
     return rows
