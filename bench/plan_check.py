@@ -48,6 +48,8 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the prediction must use this checkout's cost model
+    sys.path.insert(0, str(REPO))
 
 # (collective, first caller file fragment) -> cost-model collective name
 ATTRIBUTION = (

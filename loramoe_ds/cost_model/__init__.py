@@ -29,6 +29,7 @@ from loramoe_ds.cost_model.collectives import (
     collective_bytes,
     wire_bytes,
     zero3_gathered_elements,
+    zero3_schedule,
     zero3_trace,
 )
 from loramoe_ds.cost_model.memory import activations, memory
@@ -87,5 +88,6 @@ __all__ = [
     "step_seconds",
     "wire_bytes",
     "zero3_gathered_elements",
+    "zero3_schedule",
     "zero3_trace",
 ]

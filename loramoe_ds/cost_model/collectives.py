@@ -152,73 +152,123 @@ def collective_bytes(shapes: ModelShapes, w: Workload) -> tuple[dict[str, float]
     return by, wire
 
 
-def zero3_trace(shapes: ModelShapes, w: Workload) -> list[ModuleShape]:
-    """The modules one micro-batch fetches, in order: forward, then backward.
+def zero3_trace(shapes: ModelShapes, w: Workload) -> list[tuple[str, ModuleShape | None, int]]:
+    """What one micro-batch does to ZeRO-3's parameters, in order: ``(phase, module, layer)``.
 
-    Backward: the LM head, every router (the aux losses reach them first), the
-    final norm, then each decoder layer top-down -- its forward again when
-    activation checkpointing recomputes it, then its modules that run backward
-    in reverse. Banks of sharded layers are not engine parameters: left out.
+    ``phase`` is ``fwd``, ``recompute`` or ``bwd`` (a module fetched), or ``drop``
+    (no module: the layer's recomputed frozen parameters released, below).
+    Forward: every module. Backward: the LM head, every router (the aux losses
+    reach them first), the final norm, then each decoder layer top-down -- its
+    forward again when activation checkpointing recomputes it, then its modules
+    that run backward in reverse. Banks of sharded layers are not engine
+    parameters: left out.
+
+    Under activation checkpointing (DeepSpeed 0.19.8
+    ``PartitionedParameterCoordinator``): the recompute is triggered by the
+    layer's last module (in forward order) starting its backward, and every
+    frozen parameter fetched during the recompute is attributed to that module
+    (``ds_recompute_parameters``) and released when its backward ends (the
+    ``drop``), whatever the reuse distance; the layer's other base modules then
+    gather theirs again. And every base module runs backward, the input
+    embedding included: transformers makes the embedding output require grad
+    when checkpointing is enabled (``enable_input_require_grads``), so
+    DeepSpeed's backward hook fetches each module's weights.
     """
+    ckpt = w.activation_checkpointing
     sharded = {i for i, p in enumerate(w.placements) if p == SHARDED and w.ep_size > 1}
     mods = [
         m for m in shapes.modules
         if not (m.kind == "bank" and shapes.linears[m.linear].layer in sharded)
     ]  # fmt: skip
-    fwd = list(mods)
+
+    def runs_bwd(m: ModuleShape) -> bool:
+        return m.backward or (ckpt and m.kind == "base")
+
+    out: list[tuple[str, ModuleShape | None, int]] = [("fwd", m, m.layer) for m in mods]
     outside = [m for m in mods if m.layer < 0]
     embed = outside[0] if outside else None
     tail = [m for m in outside if m is not embed]
-    bwd: list[ModuleShape] = []
     if tail:
-        bwd.append(tail[-1])  # LM head
-    bwd += [m for m in reversed(mods) if m.kind == "router"]
-    bwd += [m for m in reversed(tail[:-1]) if m.backward]
+        out.append(("bwd", tail[-1], -1))  # LM head
+    out += [("bwd", m, m.layer) for m in reversed(mods) if m.kind == "router"]
+    out += [("bwd", m, -1) for m in reversed(tail[:-1]) if runs_bwd(m)]
     for layer in reversed(range(shapes.num_layers)):
         in_layer = [m for m in mods if m.layer == layer]
-        if w.activation_checkpointing:
-            bwd += in_layer
-        bwd += [m for m in reversed(in_layer) if m.backward and m.kind != "router"]
-    return fwd + bwd
+        back = [m for m in reversed(in_layer) if runs_bwd(m) and m.kind != "router"]
+        if not ckpt:
+            out += [("bwd", m, layer) for m in back]
+            continue
+        out += [("recompute", m, layer) for m in in_layer]
+        # the last module's group (its bank and base, in reverse) ends, then the drop
+        first_base = next((i for i, m in enumerate(back) if m.kind == "base"), len(back) - 1)
+        out += [("bwd", m, layer) for m in back[: first_base + 1]]
+        out.append(("drop", None, layer))
+        out += [("bwd", m, layer) for m in back[first_base + 1 :]]
+    if ckpt and embed is not None:
+        out.append(("bwd", embed, -1))
+    return out
 
 
-def zero3_gathered_elements(shapes: ModelShapes, w: Workload) -> int:
-    """Elements ZeRO-3 all-gathers in one optimizer step (DeepSpeed 0.19.8's coordinator).
+def zero3_schedule(shapes: ModelShapes, w: Workload) -> tuple[int, int, int]:
+    """ZeRO-3's all-gathers in one optimizer step (DeepSpeed 0.19.8's coordinator), elements.
 
     Per micro-batch, over :func:`zero3_trace`: a non-persistent parameter is
     gathered (``ceil(n/W)*W`` elements) when its module is fetched and it is not
     available; after the module it is released unless it is used again within
     ``stage3_max_reuse_distance`` elements of the modules that follow
-    (``PartitionedParameterCoordinator.__params_to_release``). Everything is
-    released at the end of the micro-batch. Parameters of at most
+    (``PartitionedParameterCoordinator.__params_to_release``), and at a ``drop``
+    if it was fetched by that layer's recompute. Everything is released at the
+    end of the micro-batch. Parameters of at most
     ``stage3_param_persistence_threshold`` elements stay gathered; they are
     gathered once per step after the optimizer step (``_post_step``).
+
+    Returns:
+        ``(per micro-batch, persistent, peak)``: elements gathered per micro-batch,
+        elements gathered once per step, and the most gathered elements held at
+        once (non-persistent and persistent).
     """
     W, thr, reuse = w.world, w.persistence_threshold, w.max_reuse_distance
     trace = zero3_trace(shapes, w)
-    sizes = [sum(n for _, n in m.params) for m in trace]
+    sizes = [sum(n for _, n in m.params) if m else 0 for _, m, _ in trace]
     prefix = [0]
     for n in sizes:
         prefix.append(prefix[-1] + n)
     where: dict[int, list[int]] = {}
-    for i, m in enumerate(trace):
-        for pid, _ in m.params:
+    for i, (_, m, _) in enumerate(trace):
+        for pid, _ in m.params if m else ():
             where.setdefault(pid, []).append(i)
-    avail: set[int] = set()
-    per_micro = 0
+    avail: dict[int, int] = {}
+    recomputed: dict[int, set[int]] = {}
+    per_micro = live = peak = 0
     persist: dict[int, int] = {}
-    for i, m in enumerate(trace):
+    for i, (phase, m, layer) in enumerate(trace):
+        if m is None:  # drop: the layer's recomputed frozen parameters
+            for pid in recomputed.pop(layer, set()):
+                live -= avail.pop(pid, 0)
+            continue
         for pid, n in m.params:
             if n <= thr:
                 persist[pid] = n
-            elif pid not in avail:
+                continue
+            if pid not in avail:
                 per_micro += pad(n, W)
-                avail.add(pid)
+                avail[pid] = pad(n, W)
+                live += pad(n, W)
+            if phase == "recompute" and m.kind == "base":
+                recomputed.setdefault(layer, set()).add(pid)
+        peak = max(peak, live)
         for pid, n in m.params:
             if n <= thr:
                 continue
             later = [j for j in where[pid] if j > i]
             # kept when its next use starts before the scan has traversed `reuse` elements
             if not later or prefix[later[0]] - prefix[i + 1] >= reuse:
-                avail.discard(pid)
-    return w.gas * per_micro + sum(pad(n, W) for n in persist.values())
+                live -= avail.pop(pid, 0)
+    persistent = sum(pad(n, W) for n in persist.values())
+    return per_micro, persistent, peak + persistent
+
+
+def zero3_gathered_elements(shapes: ModelShapes, w: Workload) -> int:
+    """Elements ZeRO-3 all-gathers in one optimizer step (:func:`zero3_schedule`)."""
+    per_micro, persistent, _ = zero3_schedule(shapes, w)
+    return w.gas * per_micro + persistent

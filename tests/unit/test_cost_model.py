@@ -72,6 +72,30 @@ def test_topk_rows_and_zero3_terms_match_hand_formulas():
     assert "expert_grad_allreduce" not in c.bytes  # EDP of size 1
 
 
+def test_zero3_recompute_releases_the_layer_after_its_last_module():
+    """Checkpointing: DeepSpeed releases a layer's recomputed frozen weights after the
+    backward of the layer's last module, so its other base modules gather theirs again.
+
+    Reference by hand (DeepSpeed 0.19.8 ``ds_recompute_parameters``; measured on the
+    tiny model by bench/plan_check.py): with a reuse distance longer than the whole
+    step nothing else is released before the micro-batch ends, so one micro-batch
+    gathers every parameter once in forward, plus, per layer, every base module but
+    the last one again in backward.
+    """
+    base_n = (1000, 2000, 3000)
+    s = _shapes([4, 4], base_n=base_n)
+    W = 2
+    routers = 2 * 4 * 512
+    everything = 2 * sum(base_n) + routers
+    long = 10**12
+    on = cm.zero3_gathered_elements(s, _w(s, 8, W, W, reuse=long, activation_checkpointing=True))
+    off = cm.zero3_gathered_elements(s, _w(s, 8, W, W, reuse=long))
+    assert off == everything
+    assert on == everything + 2 * (1000 + 2000)
+    # the peak held at once: the whole engine model after forward
+    assert cm.zero3_schedule(s, _w(s, 8, W, W, reuse=long))[2] == everything
+
+
 def test_soft_rows_send_every_token_to_every_ep_rank():
     s = _shapes([6])
     T, P = 10, 2
@@ -172,9 +196,16 @@ def test_dry_run_auto_prints_choice_and_every_option(launcher, capsys):
 
 
 def test_dry_run_small_budget_forces_zero3(launcher, capsys, tmp_path):
-    """A budget (1.29 MB) the replicated fp32 base and its state exceed; the ZeRO-3 layout fits."""
+    """A budget (1.29 MB) the replicated fp32 base and its state exceed; the ZeRO-3 layout fits.
+
+    ZeRO-3 saves memory only for parameters it releases: none persistent, no reuse
+    distance (with DeepSpeed's defaults the whole tiny model stays gathered).
+    """
     ds = tmp_path / "ds.json"
-    ds.write_text('{"zero_optimization": {"reduce_bucket_size": 1000}}')
+    ds.write_text(
+        '{"zero_optimization": {"reduce_bucket_size": 1000, '
+        '"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}}'
+    )
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--dry-run", "--world-size", "4",
             "--deepspeed", str(ds), "parallel.ep_size=auto", "parallel.zero_stage=auto",
             "parallel.memory_budget_gb=0.0012", "data.max_length=8",
