@@ -197,6 +197,8 @@ def workload(
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
         max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
         reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)),
+        max_live=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
         dropout=a.dropout > 0,
     )
 

@@ -29,6 +29,7 @@ from loramoe_ds.cost_model.collectives import (
     collective_bytes,
     wire_bytes,
     zero3_gathered_elements,
+    zero3_live_peak,
     zero3_schedule,
     zero3_trace,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "step_seconds",
     "wire_bytes",
     "zero3_gathered_elements",
+    "zero3_live_peak",
     "zero3_schedule",
     "zero3_trace",
 ]

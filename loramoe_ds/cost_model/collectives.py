@@ -222,6 +222,13 @@ def zero3_schedule(shapes: ModelShapes, w: Workload) -> tuple[int, int, int]:
     ``stage3_param_persistence_threshold`` elements stay gathered; they are
     gathered once per step after the optimizer step (``_post_step``).
 
+    Not simulated: the prefetcher, which at every module fetch gathers ahead up
+    to ``stage3_max_live_parameters`` live elements and keeps a parameter it
+    has looked ahead over until that use, whatever the reuse distance. It only
+    removes gathers and adds live elements: the gathers are an upper bound and
+    the peak a lower bound (docs/benchmarks.md, SmolLM2: gathers 1.19x,
+    1e8 live elements against 43M simulated).
+
     Returns:
         ``(per micro-batch, persistent, peak)``: elements gathered per micro-batch,
         elements gathered once per step, and the most gathered elements held at
@@ -266,6 +273,27 @@ def zero3_schedule(shapes: ModelShapes, w: Workload) -> tuple[int, int, int]:
                 live -= avail.pop(pid, 0)
     persistent = sum(pad(n, W) for n in persist.values())
     return per_micro, persistent, peak + persistent
+
+
+def zero3_live_peak(shapes: ModelShapes, w: Workload) -> int:
+    """The most elements ZeRO-3 holds gathered at once on a rank.
+
+    The larger of :func:`zero3_schedule`'s peak and, when DeepSpeed prefetches
+    (``stage3_prefetch_bucket_size`` > 0), what its prefetcher fills up to:
+    ``stage3_max_live_parameters`` elements (it prefetches while fewer are live),
+    or every non-persistent engine parameter when fewer, plus the persistent
+    ones. Measured on SmolLM2 (docs/benchmarks.md): 20 of 30 layers and the LM
+    head gathered at once, 1e8 elements.
+    """
+    per_micro, persistent, peak = zero3_schedule(shapes, w)
+    if w.prefetch_bucket <= 0:
+        return peak
+    seen: dict[int, int] = {}
+    for _, m, _ in zero3_trace(shapes, w):
+        for pid, n in m.params if m else ():
+            if n > w.persistence_threshold:
+                seen[pid] = pad(n, w.world)
+    return max(peak, min(w.max_live, sum(seen.values())) + persistent)
 
 
 def zero3_gathered_elements(shapes: ModelShapes, w: Workload) -> int:

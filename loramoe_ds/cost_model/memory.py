@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from loramoe_ds.cost_model.collectives import zero3_schedule
+from loramoe_ds.cost_model.collectives import zero3_live_peak
 from loramoe_ds.cost_model.workload import LinearShape, ModelShapes, Workload, pad
 
 
@@ -22,8 +22,8 @@ def memory(
       parameters (``1/W`` under ZeRO >= 1), two moments (8 B) of the local shards.
     * ``zero_buffers``: ZeRO's gradient bucket (``reduce_bucket_size`` elements
       of ``b`` bytes, allocated whole by stages 2 and 3) and, under ZeRO-3, the
-      most parameters gathered at once (:func:`~loramoe_ds.cost_model.collectives.zero3_schedule`:
-      whatever the reuse distance keeps, plus the persistent parameters).
+      most parameters gathered at once
+      (:func:`~loramoe_ds.cost_model.collectives.zero3_live_peak`).
     * ``activations_no_ckpt`` / ``activations_ckpt``: one micro-batch's saved
       activations without / with activation checkpointing (:func:`activations`).
     """
@@ -44,7 +44,7 @@ def memory(
     if z >= 2:  # ZeRO-2's contiguous-gradient bucket, ZeRO-3's reduce bucket: full size
         buffers += w.reduce_bucket * b
     if z == 3 and W > 1:
-        buffers += zero3_schedule(shapes, w)[2] * b
+        buffers += zero3_live_peak(shapes, w) * b
     mem["zero_buffers"] = buffers
     no_ckpt, ckpt = activations(shapes, w, sharded)
     mem["activations_no_ckpt"], mem["activations_ckpt"] = no_ckpt, ckpt

@@ -152,6 +152,9 @@ class Workload:
         persistence_threshold: ZeRO-3 ``stage3_param_persistence_threshold``.
         max_reuse_distance: ZeRO-3 ``stage3_max_reuse_distance``.
         reduce_bucket: ZeRO ``reduce_bucket_size`` (elements).
+        max_live: ZeRO-3 ``stage3_max_live_parameters``: the gathered elements
+            the prefetcher fills up to.
+        prefetch_bucket: ZeRO-3 ``stage3_prefetch_bucket_size`` (0: no prefetch).
         dropout: Whether the expert input dropout is on (one more saved copy of x).
     """
 
@@ -175,6 +178,8 @@ class Workload:
     persistence_threshold: int = 100_000
     max_reuse_distance: int = 1_000_000_000
     reduce_bucket: int = 500_000_000
+    max_live: int = 1_000_000_000
+    prefetch_bucket: int = 50_000_000
     dropout: bool = False
 
 

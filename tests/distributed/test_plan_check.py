@@ -5,10 +5,11 @@ Two gloo ranks train the tiny model through the real path (``make_plan`` ->
 (bench/plan_check.py); each collective's bytes must equal the prediction for the
 token counts the ranks saw within 5%. The case mixes placements (MoLA-like
 ``[2, 3, 4, 8]`` top-2 at ``ep_size`` 2: layer 1 replicated, the others sharded),
-packs rows, and runs ZeRO-3 with no persistent parameters, so every term is
-exercised: per-module all-gathers in forward and backward, gradient
-reduce-scatter, the clip's gathers, counts and rows all-to-alls, the small
-all-reduces.
+packs rows, checkpoints every decoder layer and runs ZeRO-3 with no persistent
+parameters, so every term is exercised: per-module all-gathers in forward, in
+the recompute and in backward (DeepSpeed's release of a layer's recomputed
+weights after its last module's backward), gradient reduce-scatter, the clip's
+gathers, counts and rows all-to-alls, the small all-reduces.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def test_counted_bytes_match_the_model_per_collective(tmp_path):
     ds.write_text(json.dumps({"zero_optimization": zero}))
     overrides = ["data.max_length=96", "train.micro_batch_size=2", "adapter.router=topk",
                  "adapter.top_k=2", "adapter.num_experts=[2,3,4,8]",
-                 "adapter.target_modules=[q_proj,v_proj,gate_proj,down_proj]"]  # fmt: skip
+                 "adapter.target_modules=[q_proj,v_proj,gate_proj,down_proj]",
+                 "train.activation_checkpointing=true"]  # fmt: skip
     res = plan_check.measure("tiny", "configs/tiny.yaml", overrides, 2, True, str(ds), 1,
                              tmp_path / "run")  # fmt: skip
     print("\n".join(plan_check.table_rows(res)))

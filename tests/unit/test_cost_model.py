@@ -199,12 +199,14 @@ def test_dry_run_small_budget_forces_zero3(launcher, capsys, tmp_path):
     """A budget (1.29 MB) the replicated fp32 base and its state exceed; the ZeRO-3 layout fits.
 
     ZeRO-3 saves memory only for parameters it releases: none persistent, no reuse
-    distance (with DeepSpeed's defaults the whole tiny model stays gathered).
+    distance, no prefetch (with DeepSpeed's defaults the whole tiny model stays
+    gathered).
     """
     ds = tmp_path / "ds.json"
     ds.write_text(
         '{"zero_optimization": {"reduce_bucket_size": 1000, '
-        '"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}}'
+        '"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, '
+        '"stage3_prefetch_bucket_size": 0}}'
     )
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--dry-run", "--world-size", "4",
             "--deepspeed", str(ds), "parallel.ep_size=auto", "parallel.zero_stage=auto",
@@ -233,3 +235,18 @@ def test_cost_model_is_pure_arithmetic():
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         foreign = {m for m in mods if m.split(".")[0] not in sys.stdlib_module_names} - allowed
         assert not foreign, (path.name, foreign)
+
+
+def test_zero3_live_peak_is_what_the_prefetcher_fills_up_to():
+    """With prefetch on, DeepSpeed gathers ahead while fewer than
+    ``stage3_max_live_parameters`` elements are live: the peak is that bound (or the
+    whole engine model when smaller), never less than the release simulation's."""
+    s = _shapes([4, 4], base_n=(1000, 2000, 3000))
+    W, long = 2, 10**12
+    everything = 2 * 6000 + 2 * 4 * 512
+    no_prefetch = _w(s, 8, W, W, reuse=0, prefetch_bucket=0)
+    one_module = cm.zero3_live_peak(s, no_prefetch)
+    assert one_module == cm.zero3_schedule(s, no_prefetch)[2] == 3000
+    assert cm.zero3_live_peak(s, _w(s, 8, W, W, reuse=0, max_live=5000)) == 5000
+    assert cm.zero3_live_peak(s, _w(s, 8, W, W, reuse=0, max_live=10**9)) == everything
+    assert cm.zero3_live_peak(s, _w(s, 8, W, W, reuse=long, max_live=100)) == everything
