@@ -124,6 +124,10 @@ def _set_rng_state(state: dict) -> None:
 
 def _safe_load(path: Path, **kw):
     """``torch.load(weights_only=True)``; a file needing anything else is refused in one line."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # a legacy (or hand-made) pickle: mmap needs the zip
+        kw.pop("mmap", None)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except pickle.UnpicklingError as e:
@@ -133,6 +137,9 @@ def _safe_load(path: Path, **kw):
             f"{path}: refused: it holds objects other than tensors and plain data{what}, "
             "which loading would run as code; use a checkpoint written by loramoe-ds"
         ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # not a torch file at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointDamagedError(f"{path}: unreadable ({first})") from None
 
 
 def _barrier() -> None:
