@@ -34,9 +34,9 @@ from loramoe_ds.parallel.checkpoint import (
     file_manifest,
     intact_tag,
     latest_tag,
+    store,
     verify_tag,
 )
-from loramoe_ds.parallel.checkpoint import store
 
 TOPOLOGY = {"world_size": 1, "ep_size": 1, "experts_per_layer": [2], "adapter": {"rank": 2},
             "base": {"name": "x"}, "train_batch_size": 4}  # fmt: skip
