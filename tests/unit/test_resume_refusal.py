@@ -88,7 +88,8 @@ def test_refused_before_any_process_group(ckpt, tmp_path, world, overrides, mess
 
 def test_unknown_format_and_missing_directory(ckpt, tmp_path):
     meta = json.loads((ckpt / "global_step4" / META).read_text())
-    with pytest.raises(ValueError, match=f"checkpoint format 1, this version reads {CHECKPOINT_FORMAT}"):
+    want = f"checkpoint format 1, this version reads {CHECKPOINT_FORMAT}"
+    with pytest.raises(ValueError, match=want):
         check_compatible({**meta, "format": 1}, meta, "x")
     with pytest.raises(ValueError, match="no such checkpoint directory"):
         _plan(tmp_path, 2, resume=str(tmp_path / "nope"))
