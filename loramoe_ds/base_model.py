@@ -83,6 +83,12 @@ def hf_config(run) -> tuple[Any, str | None]:
         trust = run.model.trust_remote_code  # never the library's default: the user's choice
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust), model_dir
     except (OSError, ValueError, KeyError) as e:  # unreadable, unknown model_type, needs code
+        if "trust_remote_code" in str(e):
+            raise ValueError(
+                f"model.name={name!r}: {model_dir} needs its own Python code (auto_map in "
+                "config.json), which is not run by default; set model.trust_remote_code=true "
+                "only for code you trust"
+            ) from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(
             f"model.name={name!r}: transformers cannot read {model_dir}/config.json: {first}"

@@ -114,8 +114,8 @@ def drop_update(trainer) -> None:
             opt.overflow = overflow_before
         else:
             vars(opt).pop("overflow", None)
-    for p in trainer.expert_params():
-        p.grad = None
+    if trainer.expert_optimizer is not None:
+        trainer.expert_optimizer.drop()
 
 
 class NonFiniteStreak:
