@@ -138,7 +138,6 @@ def main(argv=None) -> int:
     from loramoe_ds.parallel.nonfinite import NonFiniteStopError
     from loramoe_ds.run import prepare_data
 
-    peer_lost = False
     try:
         try:  # the data is validated and tokenised before any model load or DeepSpeed engine
             data = prepare_data(plan)
@@ -161,12 +160,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.NONFINITE
     except exit_codes.PeerLostError as e:
-        peer_lost = True
         print(f"error: rank {env.rank}: {e}", file=sys.stderr)
-        return exit_codes.PEER_LOST
+        # With a dead or frozen peer the process group cannot be torn down cleanly (its
+        # destructors wait on the peer): leave at once, the files are already closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_codes.PEER_LOST)
     finally:
         handler.uninstall()
-        if dist.is_initialized() and not peer_lost:  # a dead peer could block the teardown
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

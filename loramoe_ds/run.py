@@ -262,6 +262,7 @@ def train(
             with collective_phase(f"optimizer step {trainer.global_step + 1}"):
                 result = trainer.train_step(batches)
                 last = acc.step(result)
+                stop_requested = handler.any_rank_should_stop()
             step = trainer.global_step
             done_this_run += 1
             last["skipped_steps"] = streak.update(step, result.nonfinite)
@@ -270,7 +271,7 @@ def train(
             streak.check(step, ckpt_dir)
             bar.update(1)
             bar.set_postfix(acc.postfix(last))
-            decision = policy.decide(step, done_this_run, handler.any_rank_should_stop())
+            decision = policy.decide(step, done_this_run, stop_requested)
             if decision.save:
                 with collective_phase(f"checkpoint save at step {step}"):
                     trainer.save(ckpt_dir, {"data": loader.state_dict(), "step": step})
@@ -279,10 +280,10 @@ def train(
             if decision.stop:
                 preempted = decision.preempted
                 break
-        if not preempted:
-            with collective_phase("adapter export"):
+        with collective_phase("adapter export"):
+            if not preempted:
                 trainer.export_adapter(out / "adapter")
-        dist.barrier(group=rank0_group())
+            dist.barrier(group=rank0_group())
     finally:
         bar.close()
         metrics.close()
