@@ -121,7 +121,7 @@ class Launch:
     """One launch of the job: ``WORLD`` rank processes, logs in ``out/logs``."""
 
     def __init__(self, out: Path, a, index: int, rank0_env: dict[str, str] | None = None):
-        self.out, self.start = out, time.time()
+        self.out, self.start, self.started = out, time.time(), False
         port = _free_port()
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -159,8 +159,10 @@ class Launch:
         f = self.out / "metrics.csv"
         if not f.is_file() or f.stat().st_mtime < self.start:
             return 0
-        if "[data]" not in self.logs[0].read_text(errors="replace"):
-            return 0  # the metrics file is still the previous launch's
+        if not self.started:
+            self.started = "[data]" in self.logs[0].read_text(errors="replace")
+            if not self.started:
+                return 0  # the metrics file is still the previous launch's
         rows = _rows(f)
         return int(rows[-1]["step"]) if rows else 0
 
@@ -173,7 +175,7 @@ class Launch:
             s = self.step()
             if s >= target or not self.running():
                 return s
-            time.sleep(0.05)
+            time.sleep(0.1)
         return self.step()
 
     def signal(self, rank: int, sig: int) -> None:
@@ -431,10 +433,12 @@ def main(argv=None) -> int:
             f"{e['last_logged']:>6}  {e['message'][:90]}"
         )
     print()
-    shown = ("faults_by_kind", "launches", "exit_codes_as_expected", "steps_redone",
-             "silent_rank_noticed_after_s", "max_time_to_exit_after_fault_s",
-             "adapter_max_abs_diff", "adam_moments_max_abs_diff", "adam_steps_equal",
-             "metrics_rows", "every_step_once", "metrics_max_abs_diff", "total_s", "ok")  # fmt: skip
+    shown = (
+        "faults_by_kind", "launches", "exit_codes_as_expected", "steps_redone",
+        "silent_rank_noticed_after_s", "max_time_to_exit_after_fault_s",
+        "adapter_max_abs_diff", "adam_moments_max_abs_diff", "adam_steps_equal",
+        "metrics_rows", "every_step_once", "metrics_max_abs_diff", "total_s", "ok",
+    )  # fmt: skip
     for k in shown:
         print(f"{k:>30}: {report[k]}")
     if a.json:
