@@ -21,9 +21,7 @@ column) and, with ``train.nonfinite: stop``, ends the run at the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,12 +43,15 @@ class NonFiniteStopError(RuntimeError):
     """``train.nonfinite: stop`` ended the run. One line naming the step and the term."""
 
 
-def _finite(x: Any) -> bool:
-    if x is None:
-        return True
-    if torch.is_tensor(x):
-        return bool(torch.isfinite(x.detach()).all())
-    return math.isfinite(float(x))
+def _all_finite(xs, device: torch.device) -> torch.Tensor:
+    """0-dim bool tensor on ``device``: every value of ``xs`` is finite (no host sync)."""
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for x in xs:
+        if x is None:
+            continue
+        x = x.detach() if torch.is_tensor(x) else torch.tensor(float(x))
+        ok = ok & torch.isfinite(x).all().to(device)
+    return ok
 
 
 def _local_grads(trainer) -> list[torch.Tensor]:
@@ -70,21 +71,23 @@ def _local_grads(trainer) -> list[torch.Tensor]:
 
 
 def first_nonfinite(trainer, outputs) -> str | None:
-    """Name of the first non-finite term of the step on *any* rank (collective), or None."""
-    bad = len(TERMS)
-    for i, (_, attr) in enumerate(TERMS):
-        if attr is None:
-            ok = all(_finite(g) for g in _local_grads(trainer))
-        else:
-            ok = all(_finite(getattr(o, attr, None)) for o in outputs)
-        if not ok:
-            bad = i
-            break
+    """Name of the first non-finite term of the step on *any* rank (collective), or None.
+
+    One all-reduce and one device-to-host read per step, whatever the number of
+    terms and tensors.
+    """
+    device = trainer.device
+
+    def values(attr):
+        return _local_grads(trainer) if attr is None else [getattr(o, attr, None) for o in outputs]
+
+    ok = torch.stack([_all_finite(values(attr), device) for _, attr in TERMS])
+    order = torch.arange(len(TERMS), device=device)
+    bad = torch.where(ok, len(TERMS), order).min().to(torch.int64).reshape(1)
     if dist.is_available() and dist.is_initialized():
-        flag = torch.tensor([bad], dtype=torch.int64, device=trainer.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        bad = int(flag.item())
-    return TERMS[bad][0] if bad < len(TERMS) else None
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    i = int(bad.item())
+    return TERMS[i][0] if i < len(TERMS) else None
 
 
 def drop_update(trainer) -> None:
