@@ -293,3 +293,28 @@ def test_truncate_metrics_keeps_rows_up_to_the_checkpoint(tmp_path):
     assert truncate_metrics(f, 2) == 2
     assert f.read_bytes() == b"step,loss\r\n1,0.5\r\n2,0.4\r\n"
     assert truncate_metrics(f, 2) == 0 and truncate_metrics(tmp_path / "none.csv", 1) == 0
+
+
+def test_a_real_full_disk(trainer, tmp_path):
+    """The same on a real full file system: a 512 KiB tmpfs (needs mount rights; skipped
+    without them -- the monkeypatched ENOSPC above is the test that always runs)."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()[:80]}")
+    try:
+        _save(trainer, disk, 4)
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - 2048))  # leave 2 KiB
+        with pytest.raises(CheckpointSaveError, match="No space left on device"):
+            _save(trainer, disk, 8)
+        assert latest_tag(disk) == "global_step4" and intact_tag(disk) == "global_step4"
+        assert not list(disk.glob(".global_step8*"))  # the staging directory was removed
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
