@@ -84,9 +84,15 @@ def test_prepare_data_and_cache_barrier_wait_on_the_side_group(world_of_one, tmp
     from loramoe_ds.plan import make_plan
     from loramoe_ds.run import _rank0_barrier, prepare_data
 
+    import json
+
     calls = _spy_waits(monkeypatch)
+    small = tmp_path / "small.jsonl"  # a few records: the waits are what is tested
+    rec = {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"}
+    small.write_text("\n".join(json.dumps(rec) for _ in range(8)) + "\n")
     run = load_run_config(None, ["model.name=tiny-llama", f"output.dir={tmp_path}",
-                                 "train.micro_batch_size=1", "parallel.ep_size=1"])  # fmt: skip
+                                 f"data.train_files=[{small}]", "train.micro_batch_size=1",
+                                 "parallel.ep_size=1"])  # fmt: skip
     plan = make_plan(run, {}, 2, 0)  # planned for 2 ranks: the verdict is broadcast
     prepare_data(plan)
     _rank0_barrier()
