@@ -4,12 +4,12 @@
 the tiny model for 20 steps, checkpointing every 5, with 2 faults at seeded
 random points -- a SIGSTOPped rank (the other must exit 76 within
 ``parallel.timeout_s``), and a node loss (both ranks SIGKILLed) followed by a
-damaged newest checkpoint -- relaunching the same command after each. (Sized
-for CI: each launch costs about half a minute of start-up on 2 cores; the kill
-mid-save, the preemption and the full disk are in the longer run and in
-tests/distributed/test_checkpoint.py, tests/unit/test_checkpoint_integrity.py.) The final adapter, the final Adam moments and step counts, and
-every row of ``metrics.csv`` (each step exactly once) must equal an
-uninterrupted run's, bit for bit.
+damaged newest checkpoint -- relaunching the same command after each. The final
+adapter, the final Adam moments and step counts, and every row of
+``metrics.csv`` (each step exactly once) must equal an uninterrupted run's, bit
+for bit. Sized for CI: each launch costs about a minute of start-up on 2 cores;
+the kill mid-save, the preemption and the full disk are in the longer run and in
+tests/distributed/test_checkpoint.py and tests/unit/test_checkpoint_integrity.py.
 """
 
 from __future__ import annotations

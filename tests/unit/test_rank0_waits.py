@@ -80,11 +80,11 @@ def test_timeouts_and_the_gloo_side_group(world_of_one):
 
 def test_prepare_data_and_cache_barrier_wait_on_the_side_group(world_of_one, tmp_path,
                                                                monkeypatch):  # fmt: skip
+    import json
+
     from loramoe_ds.config import load_run_config
     from loramoe_ds.plan import make_plan
     from loramoe_ds.run import _rank0_barrier, prepare_data
-
-    import json
 
     calls = _spy_waits(monkeypatch)
     small = tmp_path / "small.jsonl"  # a few records: the waits are what is tested
