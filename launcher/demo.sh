@@ -24,7 +24,7 @@ fi
 
 echo "== 3/4 LoRAMoE SFT: deepspeed --num_gpus 2, ZeRO-3, ep_size 2"
 deepspeed --num_gpus 2 launcher/train.py --config configs/smollm2_demo.yaml \
-  --deepspeed ds_configs/zero3_cpu_fp32.json "output.dir=$OUT" "$@"
+  --deepspeed ds_configs/zero3_cpu.json "output.dir=$OUT" "$@"
 
 echo "== 4/4 adapter: knowledge QA, downstream accuracy, expert utilisation"
 python launcher/evaluate.py --model smollm2 --adapter "$OUT/adapter" --limit "$LIMIT" --threads 2 \

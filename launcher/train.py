@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     handler = PreemptionHandler().install()
     from loramoe_ds.config import load_ds_config, load_run_config
     from loramoe_ds.launch.dist_env import setup_dist_env
-    from loramoe_ds.plan import make_plan
+    from loramoe_ds.plan import check_accelerator, check_attention, make_plan
     from loramoe_ds.run import train
 
     env = None
@@ -103,6 +103,8 @@ def main(argv=None) -> int:
             plan = make_plan(run, ds_user, topology[0], 0, topology[1], resume=args.resume)
             print(plan.describe())
             return 0
+        check_accelerator(run.train.precision)  # no silent CPU fallback of a GPU run
+        check_attention(run.model.attn_implementation)
         env = setup_dist_env()
         plan = make_plan(run, ds_user, env.world_size, env.rank, resume=args.resume)
     except ValueError as e:  # bad input: one clear line, no traceback, before any process group

@@ -36,18 +36,23 @@ TINY_VOCAB = 512
 """Vocabulary of the ``tiny-*`` models and of their demo-data BPE tokenizer."""
 
 
-def from_config(hf_config, init_weights: bool = True):
+def from_config(hf_config, init_weights: bool = True, attn_implementation: str | None = None):
     """Build the architecture; skip random init when pretrained weights follow.
 
     Skipping also avoids transformers' init touching ZeRO-3 partitioned (empty)
-    tensors, e.g. the embedding's padding row.
+    tensors, e.g. the embedding's padding row. ``attn_implementation``
+    (``model.attn_implementation``) picks transformers' attention kernel;
+    ``None`` or ``"default"``: transformers' own choice.
     """
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    kw = {}
+    if attn_implementation not in (None, "default"):
+        kw["attn_implementation"] = attn_implementation
     ctx = contextlib.nullcontext() if init_weights else no_init_weights()
     with ctx:
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kw)
 
 
 def hf_config(run) -> tuple[Any, str | None]:
@@ -115,16 +120,22 @@ def model_factory(plan):
     """A callable building the base model of a :class:`~loramoe_ds.plan.Plan`.
 
     The trainer calls it under ``zero.Init``. Pretrained weights are loaded
-    *into* the (possibly ZeRO-3 partitioned) parameters: rank 0 reads the
-    safetensors and each tensor is scattered via
-    ``GatheredParameters(modifier_rank=0)``, so no rank ever holds two full copies.
+    *into* the (possibly ZeRO-3 partitioned) parameters
+    (:func:`~loramoe_ds.parallel.zero_load.load_pretrained_into`): partitioned,
+    rank 0 writes each tensor via ``GatheredParameters(modifier_rank=0)``, so no
+    rank ever holds two full copies; unpartitioned, every rank copies from the
+    memory-mapped files. The model uses ``model.attn_implementation``.
     """
 
     def build():
         # Same seed on every rank: a random (tiny) base is identical everywhere and
         # across launchers, so runs are comparable.
         torch.manual_seed(plan.run.train.seed)
-        model = from_config(plan.hf_config, init_weights=plan.model_dir is None)
+        model = from_config(
+            plan.hf_config,
+            init_weights=plan.model_dir is None,
+            attn_implementation=plan.run.model.attn_implementation,
+        )
         if plan.model_dir is not None:
             from loramoe_ds.parallel.zero_load import load_pretrained_into
 

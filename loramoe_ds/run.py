@@ -49,32 +49,32 @@ def truncate_metrics(path: str | Path, step: int) -> int:
 
     A run that died after logging steps past its last checkpoint re-does those
     steps; cutting the file back to the checkpoint's step first keeps every step
-    logged exactly once. Rewritten atomically (:func:`loramoe_ds.io.atomic_write_text`).
+    logged exactly once. Cut in place (``os.truncate``), so the CSV tracker's
+    handle, already open in append mode, goes on writing at the new end.
 
     Returns:
         The number of rows removed.
     """
     import csv
-    import io
-
-    from loramoe_ds.io import atomic_write_text
+    import os
 
     path = Path(path)
     if not path.is_file():
         return 0
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    if not lines:
         return 0
-    header, body = rows[0], rows[1:]
+    header = next(csv.reader([lines[0].decode()]))
     col = header.index("step") if "step" in header else 0
-    keep = [r for r in body if r and r[col].isdigit() and int(r[col]) <= step]
-    if len(keep) == len(body):
-        return 0
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\r\n").writerows([header, *keep])
-    atomic_write_text(path, buf.getvalue())
-    return len(body) - len(keep)
+    offset = len(lines[0])
+    for i, raw in enumerate(lines[1:], start=1):
+        row = next(csv.reader([raw.decode()]), [])
+        if row and row[col].isdigit() and int(row[col]) > step:
+            os.truncate(path, offset)
+            return len(lines) - i
+        offset += len(raw)
+    return 0
 
 
 @dataclass
@@ -145,6 +145,48 @@ def prepare_data(plan: Plan) -> PreparedData:
     return PreparedData(tok, cfg, files, stats)
 
 
+def start_metrics(plan: Plan) -> Any:
+    """Rank 0 starts the trackers of ``output.report_to`` (collective).
+
+    Every rank hears whether rank 0 could, so a tracker that cannot start (an
+    unreachable mlflow server, say) stops every rank instead of leaving the others
+    waiting in the first step.
+
+    Returns:
+        The :class:`~loramoe_ds.train_loop.logger.MetricsLogger` (disabled off rank 0).
+
+    Raises:
+        RuntimeError: ``output.report_to=[...]: rank 0 could not start tracking: ...``.
+    """
+    import torch.distributed as dist
+
+    from loramoe_ds.train_loop.logger import MetricsLogger
+    from loramoe_ds.train_loop.step_metrics import STEP_METRICS, csv_fields
+
+    out = plan.run.output
+    metrics, err, exc = MetricsLogger(out.dir, enabled=False), None, None
+    if dist.get_rank() == 0:
+        try:
+            metrics = MetricsLogger(
+                out.dir,
+                fields=(*csv_fields(STEP_METRICS), "skipped_steps"),  # parallel/nonfinite.py
+                report_to=out.report_to,
+                config=plan.run.to_dict(),
+                run_name=out.run_name,
+            )
+        except Exception as e:  # the other ranks must hear of it, not hang
+            exc, err = e, f"{type(e).__name__}: {e}".splitlines()[0]
+    if dist.get_world_size() > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise RuntimeError(
+            f"output.report_to={out.report_to}: rank 0 could not start tracking: {err}"
+        ) from exc
+    return metrics
+
+
 def train(
     plan: Plan,
     resume: str = "auto",
@@ -183,10 +225,9 @@ def train(
     from loramoe_ds.parallel.checkpoint import latest_tag
     from loramoe_ds.parallel.engine import MoETrainer
     from loramoe_ds.parallel.nonfinite import NonFiniteStreak
-    from loramoe_ds.train_loop.logger import MetricsLogger
     from loramoe_ds.train_loop.policy import CheckpointPolicy
     from loramoe_ds.train_loop.step_batches import step_batches
-    from loramoe_ds.train_loop.step_metrics import MetricsAccumulator, csv_fields
+    from loramoe_ds.train_loop.step_metrics import MetricsAccumulator
 
     run = plan.run
     out = Path(run.output.dir)
@@ -196,6 +237,7 @@ def train(
         handler = PreemptionHandler().install()
     data = data or prepare_data(plan)
     _start_process_group(run)  # one process: started only now, after the data was checked
+    metrics = start_metrics(plan)  # before the model loads: a failing tracker costs seconds
     trainer = MoETrainer.build(
         model_factory(plan),
         run.adapter,
@@ -207,6 +249,7 @@ def train(
         num_layers=plan.num_layers,
         loss_reduction=run.train.loss_reduction,
         activation_checkpointing=run.train.activation_checkpointing,
+        placements=plan.placements,
     )
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
@@ -220,6 +263,7 @@ def train(
         is_main=is_main,
         barrier=_rank0_barrier,
         global_batch=int(plan.ds_config["train_batch_size"]),
+        flash_attn_kwargs=run.model.attn_implementation.startswith("flash"),
     )
     if is_main:
         print(f"[data] {loader.stats}", flush=True)
@@ -244,8 +288,6 @@ def train(
         stop_after=stop_after,
     )
     acc = MetricsAccumulator(device=trainer.device)
-    fields = (*csv_fields(acc.metrics), "skipped_steps")
-    metrics = MetricsLogger(out, enabled=is_main, fields=fields)
     streak = NonFiniteStreak(run.train.nonfinite, run.train.nonfinite_patience,
                              int(trainer.engine.skipped_steps))  # fmt: skip
     bar = tqdm(total=policy.max_steps, initial=trainer.global_step, disable=not is_main,

@@ -6,8 +6,9 @@
   (an entry of ``data.datasets``);
 * :mod:`.run` -- :class:`ModelConfig`, :class:`TrainConfig`,
   :class:`ParallelConfig`, :class:`OutputConfig` and the whole :class:`RunConfig`;
-  loading YAML/JSON with ``section.field=value`` overrides; the check against the
-  DeepSpeed JSON;
+  loading YAML/JSON with ``section.field=value`` overrides;
+* :mod:`.deepspeed` -- the DeepSpeed JSON read and checked against the run config
+  (the keys it owns filled in where absent or ``"auto"``);
 * :mod:`.fields` -- the one ``from_dict`` (:func:`section_from_dict`) and the one
   choice check (:func:`check_choice`);
 * :mod:`.coerce` -- values converted to their field's annotated type.
@@ -26,23 +27,24 @@ from loramoe_ds.config.adapter import (
     AdapterConfig,
 )
 from loramoe_ds.config.data import FORMATS, LOSS_ON, TEMPLATES, DataConfig, DatasetConfig
+from loramoe_ds.config.deepspeed import DS_AUTO_KEYS, load_ds_config, resolve_ds_config
 from loramoe_ds.config.fields import check_choice, section_from_dict
 from loramoe_ds.config.run import (
     LOSS_REDUCTIONS,
     PRECISIONS,
+    REPORT_TO,
     ModelConfig,
     OutputConfig,
     ParallelConfig,
     RunConfig,
     TrainConfig,
     apply_overrides,
-    load_ds_config,
     load_run_config,
-    resolve_ds_config,
 )
 
 __all__ = [
     "AUX_LOSS_SCOPES",
+    "DS_AUTO_KEYS",
     "FORMATS",
     "LBC_VARIANTS",
     "LORAMOE_TARGETS",
@@ -50,6 +52,7 @@ __all__ = [
     "LOSS_REDUCTIONS",
     "MOLA_TARGETS",
     "PRECISIONS",
+    "REPORT_TO",
     "ROUTERS",
     "TEMPLATES",
     "AdapterConfig",

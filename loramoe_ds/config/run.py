@@ -1,6 +1,7 @@
 """The run config: the ``model``, ``train``, ``parallel`` and ``output`` sections, the
 whole :class:`RunConfig` (with ``adapter`` from :mod:`.adapter` and ``data`` from
-:mod:`.data`), its loading and its check against the DeepSpeed JSON.
+:mod:`.data`) and its loading; its check against the DeepSpeed JSON is
+:mod:`.deepspeed`.
 
 Loaded from YAML or JSON, with ``key=value`` command-line overrides (dotted
 keys: ``train.lr=2e-4 adapter.num_experts=2,4,6,8``). Validated in full -- including
@@ -14,16 +15,17 @@ with one line naming the field, the value and the expected type. This is
 generic over the fields of every section class, so a section replaced by
 another dataclass is coerced the same way.
 
-Derived numbers are computed once here: ``global_batch = micro_batch_size x
-grad_accum x data_parallel_size``; the DeepSpeed JSON is filled in from the run
-config when its fields are absent and must agree when present.
+Derived numbers are computed once, in :func:`~loramoe_ds.config.deepspeed.resolve_ds_config`:
+``global_batch = micro_batch_size x grad_accum x data_parallel_size``; the
+DeepSpeed JSON is filled in from the run config where its keys are absent or
+``"auto"`` and must agree where given.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,16 @@ from loramoe_ds.config.fields import check_choice, section_from_dict
 
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
+AUTO = "auto"
+"""``parallel.ep_size`` / ``zero_stage`` value: chosen by the plan (:mod:`loramoe_ds.plan_cost`)."""
 LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
 """Valid values of ``train.loss_reduction`` (:mod:`loramoe_ds.parallel.token_mean`)."""
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 NONFINITE = ("stop", "skip")
 """Valid values of ``train.nonfinite`` (:mod:`loramoe_ds.parallel.nonfinite`)."""
+
+
+ATTN_IMPLEMENTATIONS = ("default", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -63,7 +70,16 @@ class ModelConfig:
     reading its config and tokenizer. Off: a directory that needs its own code is
     refused; turn on only for a model whose code you trust."""
 
+    attn_implementation: str = "default"
+    """transformers' attention kernel: ``default`` (transformers' choice: SDPA
+    where the architecture supports it, else eager), ``sdpa``, ``eager``, or
+    ``flash_attention_2`` (GPUs, bf16; needs the optional
+    ``flash-attn`` package: ``pip install .[flash]``). With packing,
+    ``flash_attention_2`` takes the varlen path (the batch carries the
+    sequence boundaries) instead of a block-diagonal mask."""
+
     def __post_init__(self) -> None:
+        check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if not isinstance(self.trust_remote_code, bool):
             raise ValueError(
                 f"model.trust_remote_code={self.trust_remote_code!r}: must be true or false"
@@ -175,13 +191,22 @@ class TrainConfig:
 class ParallelConfig:
     """Distribution."""
 
-    ep_size: int = 1
-    """Expert-parallel group size: divides the world size and every layer's
-    expert count."""
+    ep_size: int | str = 1
+    """Expert-parallel group size: divides the world size; a layer whose expert
+    count it divides is sharded over the group, the others replicated. ``auto``:
+    the plan picks the size and each layer's placement by predicted bytes
+    (:mod:`loramoe_ds.cost_model`, printed by ``--dry-run``)."""
 
-    zero_stage: int = 3
+    zero_stage: int | str = 3
     """ZeRO stage for the frozen base and routers (0, 2 or 3); must equal the
-    DeepSpeed JSON's ``zero_optimization.stage``."""
+    DeepSpeed JSON's ``zero_optimization.stage``. ``auto``: the JSON's stage when
+    it gives one, else ZeRO-2 unless the replicated base and its state would not
+    fit ``memory_budget_gb`` (then ZeRO-3)."""
+
+    memory_budget_gb: float | None = None
+    """Memory one rank may use, GiB, for the ``auto`` choices (default: the GPU's
+    memory; 80 for a cluster dry run with ``--gpus-per-node``; else host RAM per
+    local rank)."""
 
     timeout_s: float = 1800.0
     """Seconds any collective of a step or checkpoint waits for a peer before every
@@ -193,12 +218,31 @@ class ParallelConfig:
     dataset, building the data cache, writing checkpoints), on a gloo side group."""
 
     def __post_init__(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"parallel.ep_size={self.ep_size}: must be >= 1")
+        if self.ep_size != AUTO and (
+            isinstance(self.ep_size, str) or isinstance(self.ep_size, bool) or self.ep_size < 1
+        ):
+            raise ValueError(f"parallel.ep_size={self.ep_size!r}: must be an int >= 1 or 'auto'")
+        if self.zero_stage != AUTO:
+            check_choice("parallel.zero_stage", self.zero_stage, ZERO_STAGES + (AUTO,))
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(
+                f"parallel.memory_budget_gb={self.memory_budget_gb}: must be > 0 (GiB per rank)"
+            )
         for name in ("timeout_s", "rank0_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"parallel.{name}={getattr(self, name)}: must be > 0 seconds")
-        check_choice("parallel.zero_stage", self.zero_stage, ZERO_STAGES)
+
+
+REPORT_TO = ("csv", "tensorboard", "wandb", "mlflow")
+"""Valid entries of ``output.report_to`` (:mod:`loramoe_ds.train_loop.trackers`)."""
+
+REPORT_TO_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install -e ."),
+    "wandb": ("wandb", "pip install -e '.[tracking]'"),
+    "mlflow": ("mlflow", "pip install -e '.[tracking]'"),
+}
+"""The Python package each tracker needs (``csv`` needs none) and how to install it
+(``tracking``: the pip extra of the wandb and mlflow packages)."""
 
 
 @dataclass
@@ -207,6 +251,17 @@ class OutputConfig:
 
     dir: str = "runs/default"
     """Output directory: checkpoints, metrics.csv, TensorBoard, adapter, plots."""
+
+    report_to: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    """Where rank 0 reports each logged step's metrics and the run config
+    (:data:`REPORT_TO`, any subset; ``[]`` reports nothing): ``csv``
+    (``metrics.csv`` + ``run_config.json``), ``tensorboard`` (``tb/``), ``wandb``
+    and ``mlflow`` (configured by their own environment variables, e.g.
+    ``WANDB_PROJECT``, ``WANDB_MODE``, ``MLFLOW_TRACKING_URI``,
+    ``MLFLOW_EXPERIMENT_NAME``). ``csv,wandb`` on the command line is a list."""
+
+    run_name: str | None = None
+    """The run's name in wandb and mlflow; ``None``: the name of ``dir``."""
 
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at the end and on preemption)."""
@@ -220,6 +275,19 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if not self.dir:
             raise ValueError("output.dir='': empty; give an output directory")
+        given = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        self.report_to = [n.strip() for item in given for n in item.split(",") if n.strip()]
+        for name in self.report_to:
+            check_choice("output.report_to", name, REPORT_TO)
+        if len(set(self.report_to)) < len(self.report_to):
+            raise ValueError(f"output.report_to={given!r}: a tracker is named twice")
+        for name in self.report_to:
+            package, install = REPORT_TO_PACKAGES.get(name, (None, None))
+            if package and importlib.util.find_spec(package) is None:
+                raise ValueError(
+                    f"output.report_to={given!r}: {name!r} needs the {package!r} package, "
+                    f"which is not installed: {install}"
+                )
         for name in ("save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"output.{name}={getattr(self, name)}: must be >= 0")
@@ -322,82 +390,3 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         if not isinstance(d, dict):
             raise ValueError(f"{path}: top level must be a mapping of sections")
     return RunConfig.from_dict(apply_overrides(d, list(overrides)), where=where)
-
-
-def load_ds_config(path: str | Path | None) -> dict[str, Any]:
-    """Read a DeepSpeed JSON (``{}`` when no path is given)."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"DeepSpeed config {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
-
-
-def resolve_ds_config(
-    run: RunConfig, ds: dict[str, Any], world_size: int, where: str = "ds_config"
-) -> dict[str, Any]:
-    """Check the DeepSpeed JSON against the run config and fill what it leaves out.
-
-    ``train_batch_size = micro_batch_size x grad_accum x world_size`` (every rank
-    is a data-parallel rank for the base and routers; expert parallelism shards
-    only the expert banks).
-
-    Raises:
-        ValueError: On any disagreement, naming both values.
-    """
-    ds = copy.deepcopy(ds)
-    t = run.train
-    want = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-    }
-    if t.global_batch_size is not None and t.global_batch_size != want["train_batch_size"]:
-        raise ValueError(
-            f"train.global_batch_size={t.global_batch_size} but micro_batch_size "
-            f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world_size} "
-            f"= {want['train_batch_size']}"
-        )
-    for key, value in want.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif ds[key] != value:
-            raise ValueError(
-                f"{where}: {key}={ds[key]} but the run config gives {value} (micro_batch_size "
-                f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world_size})"
-            )
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ValueError(
-                f"{where}: remove the {section!r} section: train.* owns the optimizer and LR "
-                "schedule (train.lr, train.warmup_steps); the trainer hands its AdamW and "
-                "schedule to DeepSpeed so routers and expert-parallel banks follow one schedule"
-            )
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    if ds.get("fp16", {}).get("enabled", False):
-        raise ValueError(f"{where}: fp16 is not supported; use bf16 (train.precision=bf16)")
-    if bf16 != (t.precision == "bf16"):
-        raise ValueError(
-            f"{where}: bf16.enabled={bf16} but train.precision={t.precision!r}; make them agree"
-        )
-    zero = ds.setdefault("zero_optimization", {"stage": run.parallel.zero_stage})
-    stage = zero.setdefault("stage", run.parallel.zero_stage)
-    if stage != run.parallel.zero_stage:
-        raise ValueError(
-            f"{where}: zero_optimization.stage={stage} but parallel.zero_stage="
-            f"{run.parallel.zero_stage}; make them agree"
-        )
-    clip = float(ds.get("gradient_clipping", t.grad_clip) or 0.0)
-    if clip != t.grad_clip:
-        raise ValueError(
-            f"{where}: gradient_clipping={clip} but train.grad_clip={t.grad_clip}; make them "
-            "agree (the clip is applied jointly to routers and expert-parallel banks)"
-        )
-    ds.pop("gradient_clipping", None)  # the trainer's: train.grad_clip, clipped jointly
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds

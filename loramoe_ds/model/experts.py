@@ -15,7 +15,11 @@ The bank stores ``a_ERD`` (so ``A_cat = a_ERD.view(E*R, D)`` is the paper's
   ``T x O`` tensor is made for either.
 * Top-k routing: rows sorted by expert, one grouped GEMM per factor
   (``torch.nn.functional.grouped_mm`` where it runs, else one padded ``bmm``);
-  the gates scale the ``N x R`` rows between the two GEMMs.
+  the gates scale the ``N x R`` rows between the two GEMMs. The rows come back
+  to their tokens by :func:`combine_topk`: written to their (token, slot) place
+  and summed over the K slots in slot order -- deterministic on every device
+  (``index_add`` is not on CUDA, and a recomputed forward that differed in the
+  last bit could flip a near-tied top-k choice; docs/design.md, "Determinism").
 
 The bank computes in the dtype of its input (its weights are cast to it; a
 no-op when they already match): expert parallelism keeps fp32 master weights
@@ -74,18 +78,19 @@ class ExpertBank(nn.Module):
         scale: float = 1.0,
         row_scale_N: torch.Tensor | None = None,
         inplace: bool = False,
+        max_rows: int | None = None,
     ) -> torch.Tensor:
         """Entry point (so ZeRO-3's module hooks gather the bank when it is partitioned).
 
         Exactly one of ``gates_TE`` (soft: :meth:`soft`, with ``out_TO`` and
         ``scale``) or ``counts_E`` (rows grouped by expert: :meth:`grouped`,
-        with ``row_scale_N``) must be given.
+        with ``row_scale_N`` and ``max_rows``) must be given.
         """
         if (gates_TE is None) == (counts_E is None):
             raise ValueError("pass exactly one of gates_TE (soft) or counts_E (grouped)")
         if gates_TE is not None:
             return self.soft(x, gates_TE, out_TO, scale, inplace)
-        return self.grouped(x, counts_E, row_scale_N)
+        return self.grouped(x, counts_E, row_scale_N, max_rows)
 
     def soft(
         self,
@@ -137,9 +142,18 @@ class ExpertBank(nn.Module):
         return out_TO.addmm_(h_TX, b_XO) if inplace else torch.addmm(out_TO, h_TX, b_XO)
 
     def grouped(
-        self, x_ND: torch.Tensor, counts_E: torch.Tensor, row_scale_N: torch.Tensor | None = None
+        self,
+        x_ND: torch.Tensor,
+        counts_E: torch.Tensor,
+        row_scale_N: torch.Tensor | None = None,
+        max_rows: int | None = None,
     ) -> torch.Tensor:
         """``c_n B_e A_e x_n`` for rows already sorted by expert.
+
+        Where ``grouped_mm`` runs on a GPU, each expert's rows are first padded
+        with zero rows to a multiple of :data:`GROUP_ALIGN_ROWS` (so every group
+        of the weight-gradient GEMM starts 16-byte aligned), and the padding is
+        dropped again at the end; the result is the same.
 
         Args:
             x_ND: Rows grouped by expert: the first ``counts_E[0]`` rows go to
@@ -148,15 +162,31 @@ class ExpertBank(nn.Module):
             counts_E: Rows per expert (sums to N).
             row_scale_N: Optional per-row factor ``c_n`` (gate times scale),
                 applied to the ``N x R`` rows between the two GEMMs; ``None``: 1.
+            max_rows: ``max(counts_E)`` when the caller knows it on the host
+                (saves the padded-``bmm`` fallback its device->host read).
 
         Returns:
             ``y_NO`` in the same row order, in ``x``'s dtype.
         """
         dt = x_ND.dtype
-        h_NR = grouped_matmul(x_ND, self.lora_A.to(dt).transpose(1, 2), counts_E)
+        a_EDR = self.lora_A.to(dt).transpose(1, 2)
+        b_ERO = self.lora_B.to(dt)
+        align = group_align_rows(x_ND, a_EDR, b_ERO)
+        if align > 1:
+            max_rows = None  # counts change; grouped_mm needs no maximum
+            dest_N, counts_E = _aligned_rows(counts_E, align, x_ND.shape[0])
+            x_ND = x_ND.new_zeros(
+                x_ND.shape[0] + align * self.num_experts, x_ND.shape[1]
+            ).index_copy(0, dest_N, x_ND)
+            if row_scale_N is not None:
+                row_scale_N = row_scale_N.new_zeros(x_ND.shape[0]).index_copy(
+                    0, dest_N, row_scale_N
+                )
+        h_NR = grouped_matmul(x_ND, a_EDR, counts_E, max_rows)
         if row_scale_N is not None:
             h_NR = h_NR * row_scale_N.to(dt)[:, None]
-        return grouped_matmul(h_NR, self.lora_B.to(dt), counts_E)
+        y_NO = grouped_matmul(h_NR, b_ERO, counts_E, max_rows)
+        return y_NO.index_select(0, dest_N) if align > 1 else y_NO
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -175,13 +205,50 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def _grouped_mm_ok(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
+#: Oldest CUDA compute capability with a ``grouped_mm`` kernel: torch states
+#: "bfloat16 values on CUDA devices with SM >= 80" (``torch.nn.functional.grouped_mm``).
+GROUPED_MM_MIN_CAPABILITY = (8, 0)
+#: On CUDA each expert's rows are padded to a multiple of this (8 bf16 rows = 16
+#: bytes): the weight gradient of a grouped GEMM is a 2-D x 2-D grouped GEMM whose
+#: groups run along the token dimension, and the kernels want every group
+#: 16-byte aligned (torchtitan pads its MoE token groups to 8 for the same reason).
+GROUP_ALIGN_ROWS = 8
+
+
+def grouped_mm_supported(
+    device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None
+) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` has a kernel for this device and dtype.
+
+    Args:
+        device_type: ``"cpu"``, ``"cuda"``, ...
+        dtype: The operands' dtype (both the same).
+        capability: The CUDA device's compute capability (``None`` off CUDA).
+
+    Returns:
+        CPU: fp32 and bf16. CUDA: bf16 on SM80 or newer only (older GPUs and
+        fp32 fall back to the padded ``bmm``). Other devices: no.
+    """
     if not hasattr(torch.nn.functional, "grouped_mm"):
         return False
-    if x_NK.dtype != w_EKM.dtype or x_NK.dtype not in (torch.float32, torch.bfloat16):
+    if device_type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    if device_type == "cuda":
+        return (
+            dtype == torch.bfloat16
+            and capability is not None
+            and tuple(capability) >= GROUPED_MM_MIN_CAPABILITY
+        )
+    return False
+
+
+def _grouped_mm_ok(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
+    if x_NK.dtype != w_EKM.dtype:
         return False
-    if x_NK.device.type == "cuda" and x_NK.dtype != torch.bfloat16:
-        return False  # CUDA grouped GEMM kernels are bf16-only
+    dev = x_NK.device
+    cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    if not grouped_mm_supported(dev.type, x_NK.dtype, cap):
+        return False
     size = x_NK.element_size()
     strides = [x_NK.stride(0), *w_EKM.stride()[1:]]
     # grouped GEMM kernels need 16-byte aligned leading strides
@@ -190,7 +257,40 @@ def _grouped_mm_ok(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
     )
 
 
-def grouped_matmul(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def group_align_rows(x_ND: torch.Tensor, a_EDR: torch.Tensor, b_ERO: torch.Tensor) -> int:
+    """Rows each expert's group is padded to in :meth:`ExpertBank.grouped`:
+    :data:`GROUP_ALIGN_ROWS` where ``grouped_mm`` runs both GEMMs on a GPU, else 1
+    (the CPU kernel and the padded-``bmm`` fallback take any group size)."""
+    if x_ND.device.type != "cuda" or not _grouped_mm_ok(x_ND, a_EDR):
+        return 1
+    h_0R = x_ND.new_empty(0, a_EDR.shape[2])  # the layout of the rows between the GEMMs
+    return GROUP_ALIGN_ROWS if _grouped_mm_ok(h_0R, b_ERO) else 1
+
+
+def _aligned_rows(
+    counts_E: torch.Tensor, align: int, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row of an expert-grouped batch goes when every group is padded
+    to a multiple of ``align`` rows (no device->host read).
+
+    Returns:
+        ``dest_N`` (row n's place in the padded batch; the padded batch needs at
+        most ``N + align * E`` rows) and the padded ``counts_E``.
+    """
+    counts_E = counts_E.to(torch.long)
+    padded_E = (counts_E + align - 1) // align * align
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    pstarts_E = torch.cumsum(padded_E, 0) - padded_E
+    group_N = torch.repeat_interleave(
+        torch.arange(counts_E.numel(), device=counts_E.device), counts_E, output_size=num_rows
+    )
+    row_N = torch.arange(num_rows, device=counts_E.device)
+    return pstarts_E[group_N] + row_N - starts_E[group_N], padded_E
+
+
+def grouped_matmul(
+    x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor, max_rows: int | None = None
+) -> torch.Tensor:
     """Row-grouped matmul: rows of group e are multiplied by ``w_EKM[e]``.
 
     Uses ``torch.nn.functional.grouped_mm`` when the dtype and strides allow it,
@@ -200,10 +300,12 @@ def grouped_matmul(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tens
     Args:
         x_NK: Rows sorted by group.
         w_EKM: One ``K x M`` matrix per group.
-        counts_E: Rows per group.
+        counts_E: Rows per group (rows past their sum are ignored).
+        max_rows: ``max(counts_E)``, when known on the host (else the
+            fallback reads it from the device).
 
     Returns:
-        ``y_NM``.
+        ``y_NM`` (as many rows as ``x_NK``).
     """
     E = w_EKM.shape[0]
     if x_NK.shape[0] == 0:
@@ -214,9 +316,11 @@ def grouped_matmul(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tens
         return _ContiguousGrad.apply(y_NM)
     # Padded bmm fallback.
     counts_E = counts_E.to(torch.long)
-    capacity = int(counts_E.max().item())
+    capacity = int(counts_E.max().item()) if max_rows is None else max_rows
     starts_E = torch.cumsum(counts_E, 0) - counts_E
-    group_N = torch.repeat_interleave(torch.arange(E, device=x_NK.device), counts_E)
+    group_N = torch.repeat_interleave(
+        torch.arange(E, device=x_NK.device), counts_E, output_size=x_NK.shape[0]
+    )
     slot_N = torch.arange(x_NK.shape[0], device=x_NK.device) - starts_E[group_N]
     flat_N = group_N * capacity + slot_N
     x_pad = x_NK.new_zeros(E * capacity, x_NK.shape[1]).index_copy(0, flat_N, x_NK)
@@ -229,6 +333,8 @@ def sort_by_expert(
     num_experts: int,
     capacity: int | None = None,
     num_slots: int | None = None,
+    *,
+    trim: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the (token, slot) assignments by expert (stable: token order within).
 
@@ -239,6 +345,10 @@ def sort_by_expert(
         capacity: Optional cap on rows per expert; assignments past it (in token
             order) are dropped.
         num_slots: S = E + N router slots (default E).
+        trim: Cut the null-expert assignments off ``order_N`` here (one
+            device->host read of their number). ``False`` (dropless only):
+            return every assignment, null ones last, for a caller that cuts at
+            ``sum(counts_E)`` once it holds the counts on the host anyway.
 
     Returns:
         ``order_N``: indices into the flattened ``T*K`` assignments to LoRA
@@ -246,10 +356,13 @@ def sort_by_expert(
     """
     flat = experts_TK.reshape(-1)
     order_N = torch.argsort(flat, stable=True)
-    counts_E = torch.bincount(flat, minlength=num_slots or num_experts)
+    # A scatter of ones, not bincount: bincount reads max(flat) back to the host on CUDA.
+    counts_E = torch.zeros(num_slots or num_experts, dtype=torch.long, device=flat.device)
+    counts_E = counts_E.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
     if counts_E.numel() > num_experts:  # null slots sort last: cut them off
         counts_E = counts_E[:num_experts]
-        order_N = order_N[: int(counts_E.sum())]
+        if trim or capacity is not None:
+            order_N = order_N[: int(counts_E.sum())]
     if capacity is not None:
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         sorted_expert_N = flat[order_N]
@@ -257,6 +370,70 @@ def sort_by_expert(
         order_N = order_N[pos_N < capacity]
         counts_E = counts_E.clamp(max=capacity)
     return order_N, counts_E
+
+
+class _GatherTopk(torch.autograd.Function):
+    """``x[order_N // K]`` whose backward is :func:`combine_topk` (deterministic),
+    not ``index_select``'s scatter-add over tokens."""
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, top_k):  # noqa: D102
+        ctx.save_for_backward(order_N)
+        ctx.T, ctx.K = x_TD.shape[0], top_k
+        return x_TD.index_select(0, order_N // top_k)
+
+    @staticmethod
+    def backward(ctx, g_ND):  # noqa: D102
+        (order_N,) = ctx.saved_tensors
+        return combine_topk(g_ND.contiguous(), order_N, ctx.T, ctx.K), None, None
+
+
+def gather_topk(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token row of each kept (token, slot) assignment: ``x[order_N // K]``.
+
+    The adjoint of :func:`combine_topk`, and its backward *is* that combine, so
+    the input gradient is as deterministic as the forward.
+    """
+    return _GatherTopk.apply(x_TD, order_N, top_k)
+
+
+def combine_topk(
+    y_NO: torch.Tensor,
+    order_N: torch.Tensor,
+    num_tokens: int,
+    top_k: int,
+    out_TO: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``out_t + sum_k y[(t, k)]``: expert rows back to their tokens, deterministically.
+
+    Row ``n`` belongs to assignment ``order_N[n]`` of the flattened ``T*K``
+    (token, slot) grid (distinct entries; assignments with no row -- null
+    experts, capacity drops -- contribute zero). The rows are *written* to their
+    grid place (``index_put_`` of distinct indices: each place written once; its backward is a
+    gather) and summed over the K slots in slot order (``view(T, K, O).sum(1)``).
+    The result is therefore bitwise independent of the order of the rows and of
+    the device's scheduling, unlike an ``index_add`` scatter-add, whose
+    accumulation order on CUDA is not fixed.
+
+    Args:
+        y_NO: Expert outputs, one row per kept assignment (gates already applied).
+        order_N: Each row's index into the ``T*K`` assignments.
+        num_tokens: T.
+        top_k: K.
+        out_TO: Added to the result (e.g. the base output); ``None``: zeros.
+        inplace: Add into ``out_TO`` itself.
+
+    Returns:
+        ``y_TO`` (``out_TO``'s dtype when it is given, else ``y_NO``'s).
+    """
+    O = y_NO.shape[1]
+    y_TKO = y_NO.new_zeros(num_tokens * top_k, O).index_put_((order_N,), y_NO)
+    y_TO = y_TKO.view(num_tokens, top_k, O).sum(1)
+    if out_TO is None:
+        return y_TO
+    y_TO = y_TO.to(out_TO.dtype)
+    return out_TO.add_(y_TO) if inplace else out_TO + y_TO
 
 
 def topk_capacity(num_tokens: int, top_k: int, num_slots: int, factor: float | None) -> int | None:
@@ -312,7 +489,7 @@ def local_mixture(
     Top-k has two exact implementations of the same function:
 
     * ``grouped``: sort the (token, slot) rows by expert, grouped GEMM through
-      ``A`` then ``B``, scale by the gates, scatter-add back (FLOPs ~ T*K*R*(D+O),
+      ``A`` then ``B``, scale by the gates, :func:`combine_topk` back (FLOPs ~ T*K*R*(D+O),
       plus moving T*K rows of width D and O);
     * ``dense``: the soft path's two GEMMs with the top-k gates scattered into a
       dense ``(T, E)`` gate matrix, zeros elsewhere (FLOPs ~ T*E*R*(D+O), no row
@@ -354,11 +531,7 @@ def local_mixture(
         g_TE = dense_gates(routing.gates_TK, routing.experts_TK, E, keep_N, S)
         return bank(x_TD, gates_TE=g_TE, out_TO=out_TO, scale=scale, inplace=inplace)
     order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap, S)
-    token_N = order_N // K
     c_N = routing.gates_TK.reshape(-1).index_select(0, order_N)
     c_N = c_N * scale if scale != 1.0 else c_N
-    y_NO = bank(x_TD.index_select(0, token_N), counts_E=counts_E, row_scale_N=c_N)
-    if out_TO is None:
-        out_TO = y_NO.new_zeros(T, bank.out_features)
-    y_NO = y_NO.to(out_TO.dtype)
-    return out_TO.index_add_(0, token_N, y_NO) if inplace else out_TO.index_add(0, token_N, y_NO)
+    y_NO = bank(gather_topk(x_TD, order_N, K), counts_E=counts_E, row_scale_N=c_N)
+    return combine_topk(y_NO, order_N, T, K, out_TO, inplace)

@@ -18,7 +18,7 @@ Top-k (MoLA)::
     all_to_all_single(counts_E)                      # per-expert counts, one call
     all_to_all_single(x rows, variable splits)       # forward, reversed in backward
     regroup received rows by local expert -> grouped GEMM (A, then B) on the shard
-    reverse all_to_all_single(y rows) -> y_N * g_N -> index_add into y_TO
+    reverse all_to_all_single(y rows) -> y_N * g_N -> combine_topk into y_TO (deterministic)
 
 Soft (LoRAMoE): every token goes to every expert, so each token is sent *once*
 per EP rank together with that rank's slice of its gates ``g[:, qL:(q+1)L]``
@@ -33,7 +33,12 @@ EDP group and divided by the world size W it is the data-parallel average
 (see :mod:`loramoe_ds.parallel.engine`).
 
 Only ``all_to_all_single`` is used (gloo has no list ``all_to_all`` with
-unequal sizes). The bank's dtype is the master dtype (fp32, its own optimizer);
+unequal sizes). Sync budget: one device->host read per adapted linear per
+forward -- the split sizes of the row all-to-all (``.tolist()`` of the sent and
+received counts together); nothing else in the dropless dispatch reads the
+device (docs/design.md, "Device->host syncs"). A capacity factor adds one.
+
+The bank's dtype is the master dtype (fp32, its own optimizer);
 the expert GEMMs run in the *activation* dtype: the received rows stay as they
 arrive (bf16 on GPU) and the bank casts its weights down to them
 (:class:`~loramoe_ds.model.experts.ExpertBank`), so the gradients flow back to
@@ -48,7 +53,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from loramoe_ds.model.experts import ExpertBank, sort_by_expert, topk_capacity
+from loramoe_ds.model.experts import (
+    ExpertBank,
+    combine_topk,
+    gather_topk,
+    sort_by_expert,
+    topk_capacity,
+)
 from loramoe_ds.model.router import Routing
 
 
@@ -215,7 +226,7 @@ class EPDispatcher:
         T, D = x_TD.shape
         send_P = torch.full((P,), T, dtype=torch.int64, device=x_TD.device)
         recv_P = exchange_counts(send_P, self.group, self.stats)
-        send, recv = send_P.tolist(), recv_P.tolist()
+        send, recv = [T] * P, recv_P.tolist()  # the one device->host read
         # Gates travel in the activation dtype: the local path casts them to it too.
         g_PTL = gates_TE.to(x_TD.dtype).view(T, P, L).transpose(0, 1)
         x_PTD = x_TD.unsqueeze(0).expand(P, T, D)
@@ -231,21 +242,33 @@ class EPDispatcher:
         P, L, E = self.ep_size, self.num_local, self.num_experts
         T, K = routing.experts_TK.shape
         cap = topk_capacity(T, K, routing.num_slots, self.capacity_factor)
-        order_N, counts_E = sort_by_expert(routing.experts_TK, E, cap, routing.num_slots)
-        token_N = order_N // K
-        send_P = counts_E.view(P, L).sum(1)
+        order_N, counts_E = sort_by_expert(
+            routing.experts_TK, E, cap, routing.num_slots, trim=False
+        )
         recv_PL = exchange_counts(counts_E, self.group, self.stats).view(P, L)
-        send, recv = send_P.tolist(), recv_PL.sum(1).tolist()
-        xs_ND = x_TD.index_select(0, token_N)
+        # The one device->host read: what this rank sends to each rank, and what
+        # it receives from each (rank, local expert).
+        host = torch.cat([counts_E.view(P, L).sum(1), recv_PL.reshape(-1)]).tolist()
+        send, recv_ql = host[:P], host[P:]
+        recv = [sum(recv_ql[q * L : (q + 1) * L]) for q in range(P)]
+        local_E = [sum(recv_ql[q * L + i] for q in range(P)) for i in range(L)]
+        order_N = order_N[: sum(send)]  # null-expert assignments sort last: cut
+        xs_ND = gather_topk(x_TD, order_N, K)  # backward: the deterministic combine
         xr_MD = all_to_all(xs_ND, recv, send, self.group, self.stats)
         # Received rows are ordered (source q, local expert i); the grouped GEMM
         # wants them ordered (i, q): a stable sort on the key i*P + q.
         dev = recv_PL.device
         key_PL = torch.arange(L, device=dev).view(1, L) * P + torch.arange(P, device=dev).view(P, 1)
-        key_M = torch.repeat_interleave(key_PL.reshape(-1), recv_PL.reshape(-1))
+        key_M = torch.repeat_interleave(
+            key_PL.reshape(-1), recv_PL.reshape(-1), output_size=sum(recv)
+        )
         perm_M = torch.argsort(key_M, stable=True)
-        y_MO = self.bank(xr_MD.index_select(0, perm_M), counts_E=recv_PL.sum(0))
+        y_MO = self.bank(
+            xr_MD.index_select(0, perm_M),
+            counts_E=recv_PL.sum(0),
+            max_rows=max(local_E, default=0),
+        )
         y_MO = torch.empty_like(y_MO).index_copy(0, perm_M, y_MO)
         ys_NO = all_to_all(y_MO, send, recv, self.group, self.stats)
         g_N = routing.gates_TK.reshape(-1).index_select(0, order_N).to(ys_NO.dtype)
-        return ys_NO.new_zeros(T, ys_NO.shape[1]).index_add(0, token_N, ys_NO * g_N[:, None])
+        return combine_topk(ys_NO * g_N[:, None], order_N, T, K)

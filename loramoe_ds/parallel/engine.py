@@ -39,21 +39,25 @@ What :meth:`MoETrainer.build` does, in order:
    routers become ZeRO parameters inside ``deepspeed.initialize``). An optional
    full adapter state (``init_state``) overwrites them.
 5. :meth:`AdapterLayout.build <loramoe_ds.parallel.layout.AdapterLayout.build>`
-   records who owns each router and expert tensor; with ``ep_size > 1`` it cuts
-   each adapted linear's bank to its local shard (global experts
-   ``[ep_rank*L, (ep_rank+1)*L)``), sets ``layer.experts = None`` and attaches an
-   :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` owning the shard. The
-   banks are therefore *not* engine parameters.
-   ``ep_size == 1`` ("replicated"): the banks stay in the model as ordinary
-   trainable parameters that DeepSpeed/ZeRO manages like the routers (ZeRO-3
-   partitions and gathers them; no all-to-all, no expert optimizer).
+   records who owns each router and expert tensor, placing each decoder
+   layer's banks by :func:`~loramoe_ds.placement.layer_placements`
+   (``placements``, or by default: sharded where ``ep_size > 1`` divides the
+   layer's expert count, replicated elsewhere). A *sharded* bank is cut to its
+   local shard (global experts ``[ep_rank*L, (ep_rank+1)*L)``), the layer gets
+   ``layer.experts = None`` and an
+   :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` owning the shard, which
+   is therefore *not* an engine parameter. A *replicated* bank (every bank when
+   ``ep_size == 1``) stays in the model as an ordinary trainable parameter that
+   DeepSpeed/ZeRO manages like the routers (ZeRO-3 partitions and gathers it;
+   its layer computes locally, no all-to-all).
 6. ``deepspeed.initialize(optimizer=AdamW(...), lr_scheduler=lr_schedule)``
-   over the engine's trainable parameters (routers [+ banks when replicated]),
+   over the engine's trainable parameters (routers + replicated banks),
    both built from the typed settings (:class:`OptimizerSettings`; the
    DeepSpeed JSON carries only DeepSpeed's own settings: ZeRO, precision,
    batch sizes, buckets). DeepSpeed's ``gradient_clipping`` is
-   ``optim.grad_clip`` when replicated and 0 in EP mode, where the trainer clips.
-7. EP only: an :class:`~loramoe_ds.parallel.expert_optimizer.ExpertOptimizer`
+   ``optim.grad_clip`` when no bank is sharded and 0 otherwise ("EP mode"),
+   where the trainer clips.
+7. EP mode only: an :class:`~loramoe_ds.parallel.expert_optimizer.ExpertOptimizer`
    (AdamW over the local shards with the same settings, the EDP reduction and
    the shards' share of the norm).
 
@@ -61,20 +65,25 @@ One optimizer step in EP mode, after the last backward (the engine is at the
 accumulation boundary): the expert grads are reduced
 (:meth:`ExpertOptimizer.sync_grads
 <loramoe_ds.parallel.expert_optimizer.ExpertOptimizer.sync_grads>`: sum over
-EDP, divided by W); joint clipping, ``|g|^2 = |g_router|^2 + sum_EP
-|g_expert_shard|^2`` (router grads from ``safe_get_full_grad``, already
-DP-averaged), ``c = max_norm / (|g| + 1e-6)``, and when ``c < 1`` routers
-(``safe_set_full_grad``) and experts are multiplied by ``c`` -- the formula of
-``torch.nn.utils.clip_grad_norm_`` and of DeepSpeed; the expert AdamW steps at
-the experts' LR the engine is about to use (``engine.get_lr()[0]``, the routers'
-group, divided by ``train.router_lr_scale``); then
-``engine.step()`` steps the routers and the schedule. In replicated mode
-DeepSpeed does all of this itself (its clipping then sees every trainable
+EDP, divided by W); joint clipping, ``|g|^2 = |g_engine|^2 + sum_EP
+|g_expert_shard|^2`` (engine grads -- routers and replicated banks -- from
+``safe_get_full_grad``, already DP-averaged), ``c = max_norm / (|g| + 1e-6)``,
+and when ``c < 1`` engine tensors (``safe_set_full_grad``) and experts are
+multiplied by ``c`` -- the formula of ``torch.nn.utils.clip_grad_norm_`` and of
+DeepSpeed; the expert AdamW steps at the experts' LR the engine is about to use
+(``engine.get_lr()[0]``, the routers' group, divided by ``train.router_lr_scale``);
+then ``engine.step()`` steps the engine tensors and the schedule. With no sharded
+bank DeepSpeed does all of this itself (its clipping then sees every trainable
 parameter).
 
-Precision: fp32 on CPU; ``bf16`` in the DeepSpeed config for GPUs (engine
-parameters bf16 with fp32 master weights; EP banks are fp32 master weights,
-activations travel in bf16 and are cast for the expert compute).
+Precision (docs/design.md, "Precision"): fp32 on CPU; ``bf16`` in the DeepSpeed
+config for GPUs. Then the frozen base and every engine parameter (routers; banks
+when replicated) are bf16, with fp32 master weights and Adam state in DeepSpeed's
+optimizer, in every ZeRO stage: :func:`~loramoe_ds.model.inject.inject` gives
+routers and banks the base's dtype, because under ZeRO-3 DeepSpeed does not cast
+parameters made after ``zero.Init``. EP banks are fp32 (their own AdamW);
+activations travel in bf16 and the banks are cast to it for the expert compute.
+Router logits and softmax are fp32 (:mod:`~loramoe_ds.model.router`).
 
 Losses (``loss_reduction``): ``token_mean`` (default) makes the LM loss of an
 optimizer step the summed token CE over every labelled token of all ranks and GAS
@@ -130,6 +139,7 @@ from loramoe_ds.parallel.token_mean import (
     micro_batch_divisor,
     step_label_tokens,
 )
+from loramoe_ds.placement import SHARDED
 
 CLIP_EPS = 1e-6
 NOT_DEEPSPEED_KEYS = ("optimizer", "scheduler", "gradient_clipping")
@@ -236,6 +246,7 @@ class MoETrainer:
         init_state: dict[str, torch.Tensor] | None = None,
         loss_reduction: str = "token_mean",
         activation_checkpointing: bool = False,
+        placements: Sequence[str] | None = None,
     ) -> MoETrainer:
         """Build the engine, the expert shards and the expert optimizer (collective).
 
@@ -257,9 +268,12 @@ class MoETrainer:
             init_state: Optional full adapter state (export naming) to start from.
             loss_reduction: ``token_mean`` or ``micro_batch_mean`` (module docstring).
             activation_checkpointing: Non-reentrant checkpoint per decoder layer.
+            placements: Explicit placement of each decoder layer's banks
+                (``"sharded"`` / ``"replicated"``); ``None``: the default rule
+                (:func:`~loramoe_ds.placement.layer_placements`).
 
         Raises:
-            ValueError: Bad ``ep_size`` / expert counts (before any process-group
+            ValueError: Bad ``ep_size`` / ``placements`` (before any process-group
                 work), or optimizer settings in the DeepSpeed config.
         """
         import deepspeed
@@ -273,14 +287,14 @@ class MoETrainer:
         check_choice("train.loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         n_layers = factory_num_layers(model_factory, num_layers)
         counts = adapter_cfg.layer_experts(n_layers)
-        validate_ep(ep_size, _world_size_from_env(), counts)
+        per_layer = validate_ep(ep_size, _world_size_from_env(), counts, placements)
 
         init_process_group()  # reused when the run (or a test) started it
         groups = create_expert_groups(ep_size)
 
         cfg = copy.deepcopy(ds_config)
         # DeepSpeed clips what it owns only when it owns every adapter tensor.
-        cfg["gradient_clipping"] = optim.grad_clip if ep_size == 1 else 0.0
+        cfg["gradient_clipping"] = 0.0 if SHARDED in per_layer else optim.grad_clip
         stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
 
         # zero.Init patches tensor constructors; torch._dynamo refuses to import
@@ -303,7 +317,7 @@ class MoETrainer:
 
             model.aux_gather = DPGather()  # the world group: every rank is data-parallel
         stats = CommStats()
-        layout = AdapterLayout.build(model, groups, stats)  # EP: cuts the shards
+        layout = AdapterLayout.build(model, groups, stats, per_layer)  # cuts the shards
 
         # Dropout differs per rank from here on; the adapter init above did not.
         rank = groups.rank

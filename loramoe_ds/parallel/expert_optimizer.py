@@ -3,7 +3,9 @@
 Shape legend: W world size, P = ``ep_size``, L local experts of a layer.
 
 In expert-parallel mode (P > 1) each rank holds the L local experts of every
-adapted linear (:meth:`~loramoe_ds.parallel.layout.AdapterLayout.build`); they are not
+adapted linear whose bank is *sharded*
+(:meth:`~loramoe_ds.parallel.layout.AdapterLayout.build`; a *replicated* bank is
+an engine parameter, DeepSpeed's like the routers); the shards are not
 DeepSpeed parameters, so DeepSpeed neither reduces, clips nor steps them.
 :class:`ExpertOptimizer` does, once per optimizer step, in this order:
 
@@ -38,8 +40,8 @@ class ExpertOptimizer:
     """AdamW over this rank's expert shards, with the EDP reduction and their norm share.
 
     Args:
-        banks: The local expert shards, in ``model.moe_layers()`` order (moved
-            to ``device`` here).
+        banks: The local expert shards of the sharded layers, in
+            ``model.moe_layers()`` order (moved to ``device`` here).
         groups: The EP / EDP groups.
         settings: The AdamW hyper-parameters (the same as the routers').
         device: Where the shards live.

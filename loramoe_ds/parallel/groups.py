@@ -11,7 +11,8 @@ EP group,
   ``j < ep``: the replicas of one expert shard, whose gradients are all-reduced.
 
 Rank ``r`` has EP rank ``r % ep`` and EDP rank ``r // ep``; it holds experts
-``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of every layer (E experts).
+``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of every sharded layer (E experts) and
+the whole bank of every replicated one (:mod:`loramoe_ds.parallel.layout`).
 
 The groups are built with ``torch.distributed.new_group`` (every rank creates
 every group, in the same order, as ``new_group`` requires) rather than through
@@ -32,9 +33,12 @@ watchdog).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+
+from loramoe_ds.placement import layer_placements
 
 DEFAULT_TIMEOUT_S = 1800
 """``parallel.timeout_s``: seconds a collective of a step or checkpoint waits for a peer."""
@@ -50,20 +54,32 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def validate_ep(ep_size: int, world_size: int, experts_per_layer: list[int]) -> None:
-    """Check that ``ep_size`` divides the world and every layer's expert count.
+def validate_ep(
+    ep_size: int,
+    world_size: int,
+    experts_per_layer: list[int],
+    placements: Sequence[str] | None = None,
+) -> list[str]:
+    """Check ``ep_size`` against the world and resolve each decoder layer's placement.
 
     Call before creating any process group, so bad input fails fast and the same
-    way on every rank.
+    way on every rank. Any expert count is accepted: a layer whose count
+    ``ep_size`` does not divide is replicated
+    (:func:`~loramoe_ds.placement.layer_placements`, the placement rule).
 
     Args:
         ep_size: Ranks per expert-parallel group.
         world_size: Total ranks W.
         experts_per_layer: Expert count of each decoder layer (the resolved
             allocation, bottom to top).
+        placements: Optional explicit placement per decoder layer
+            (``"sharded"`` / ``"replicated"``).
+
+    Returns:
+        The placement of each decoder layer.
 
     Raises:
-        ValueError: Naming the offending value (and layer) and the valid choices.
+        ValueError: Naming the offending value and the valid choices.
     """
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size={ep_size!r}: must be an int >= 1")
@@ -72,17 +88,7 @@ def validate_ep(ep_size: int, world_size: int, experts_per_layer: list[int]) -> 
             f"ep_size={ep_size} does not divide the world size {world_size}; "
             f"valid ep_size values: {_divisors(world_size)}"
         )
-    for layer, n in enumerate(experts_per_layer):
-        if n % ep_size:
-            common = [
-                d for d in _divisors(world_size) if all(c % d == 0 for c in experts_per_layer)
-            ]
-            raise ValueError(
-                f"layer {layer} has {n} experts, not divisible by ep_size={ep_size} "
-                f"(each EP rank must hold the same number of experts of every layer); "
-                f"valid ep_size for this allocation {list(experts_per_layer)} and world "
-                f"size {world_size}: {common}; or choose expert counts divisible by {ep_size}"
-            )
+    return layer_placements(experts_per_layer, ep_size, placements)
 
 
 def ep_layout(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -197,7 +203,8 @@ def bind_cuda_device() -> int | None:
     would run on cuda:0 while DeepSpeed binds the communicator to
     cuda:LOCAL_RANK. A site that shows each task only its own GPU
     (``CUDA_VISIBLE_DEVICES`` of one device) makes ``LOCAL_RANK`` out of range:
-    the index is ``LOCAL_RANK % device_count``. No-op without CUDA.
+    the index is ``LOCAL_RANK % device_count``, and ``LOCAL_RANK`` is set to it
+    for DeepSpeed, which indexes ``cuda:LOCAL_RANK`` itself. No-op without CUDA.
 
     Returns:
         The device index set, or ``None`` without CUDA.
@@ -208,8 +215,13 @@ def bind_cuda_device() -> int | None:
 
     if not torch.cuda.is_available():
         return None
-    index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    index = local_rank % max(torch.cuda.device_count(), 1)
     torch.cuda.set_device(index)
+    if index != local_rank:
+        # DeepSpeed indexes cuda:LOCAL_RANK itself (the NCCL device_id at init,
+        # the engine's set_device, zero.Init's device): point it at this GPU too.
+        os.environ["LOCAL_RANK"] = str(index)
     return index
 
 

@@ -1,24 +1,42 @@
 """Who owns each adapter tensor: one object, built once, read by the engine, checkpoints and export.
 
 Shape legend: E experts of a layer (its bank's count; a router may have more
-rows, e.g. expert-less null slots), P = ``ep_size``, L = E / P local experts.
+rows, e.g. expert-less null slots), P = ``ep_size``, L = E / P local experts,
+R rank, D / O input / output width of an adapted linear.
 
 Every adapted linear has a router ``<linear>.router.weight`` and an expert bank
 ``<linear>.experts.lora_A`` (``E x R x D``) / ``.lora_B`` (``E x R x O``).
 
 * Routers are always DeepSpeed (ZeRO) parameters: every rank holds them (ZeRO
   partitions them), DeepSpeed's optimizer holds their Adam state.
-* ``ep_size == 1`` (replicated): the banks too are engine parameters, in the model.
-* ``ep_size > 1``: EP rank ``p`` holds global experts ``[p*L, (p+1)*L)`` of every
-  layer in a shard bank owned by the layer's
-  :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` (``layer.experts`` is
-  ``None``); the :class:`~loramoe_ds.parallel.expert_optimizer.ExpertOptimizer`
-  holds their Adam state; a full tensor is the EP group's shards concatenated.
+* Each decoder layer's banks have one *placement* (:func:`layer_placements`, in
+  :mod:`loramoe_ds.placement`):
 
-:class:`AdapterLayout` records this per layer (:class:`LayerLayout`) when the
-trainer is built (:meth:`AdapterLayout.build`, which also cuts the shards), so
-that the engine (:meth:`~AdapterLayout.router_params`,
-:meth:`~AdapterLayout.engine_params`), the checkpoint's gather and scatter
+  - :data:`SHARDED`: EP rank ``p`` holds global experts ``[p*L, (p+1)*L)`` in a
+    shard bank owned by the layer's
+    :class:`~loramoe_ds.parallel.dispatch.EPDispatcher` (``layer.experts`` is
+    ``None``; tokens travel by all-to-all); the
+    :class:`~loramoe_ds.parallel.expert_optimizer.ExpertOptimizer` holds their
+    Adam state; a full tensor is the EP group's shards concatenated.
+  - :data:`REPLICATED`: the bank stays in the model as an engine parameter,
+    like a router (every rank computes its own tokens' mixture locally;
+    DeepSpeed averages its gradients over all W ranks, ZeRO partitions it and
+    holds its Adam state). ``ep_size == 1`` replicates every bank.
+
+The placement rule (docs/design.md, "Placement rule", with its costs): by
+default a layer is sharded when ``P > 1`` divides its E, replicated otherwise;
+an explicit per-layer list (``placements``, e.g. from a planner) overrides it,
+but may shard only a layer whose E divides by P. Shards are never uneven: every
+EP rank holds the same L experts of a sharded layer, so the dispatcher's
+mapping (``rank = e // L``), the soft path's gate slices (width L on every
+rank) and the checkpoint's slices stay those of the even case, and a bank E does
+not divide is computed exactly as with ``ep_size == 1``.
+
+:class:`AdapterLayout` records this per adapted linear (:class:`LayerLayout`)
+when the trainer is built (:meth:`AdapterLayout.build`, which also cuts the
+shards), so that the engine (:meth:`~AdapterLayout.router_params`,
+:meth:`~AdapterLayout.engine_params`), the expert optimizer
+(:meth:`~AdapterLayout.local_banks`), the checkpoint's gather and scatter
 (:meth:`~AdapterLayout.gather`, :meth:`~AdapterLayout.local_shards`) and the
 export all read one answer. An allocation rule that places experts
 differently changes this file only.
@@ -26,7 +44,7 @@ differently changes this file only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +56,7 @@ from loramoe_ds.model.lm import LoRAMoEModel
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.parallel.dispatch import CommStats, EPDispatcher
 from loramoe_ds.parallel.groups import ExpertGroups
+from loramoe_ds.placement import REPLICATED, SHARDED, layer_placements
 
 BANK_TENSORS = ("lora_A", "lora_B")
 
@@ -58,7 +77,10 @@ class LayerLayout:
         bank: The bank this rank holds: the full bank (replicated) or its shard.
         num_experts: ``E``, the layer's experts (from the bank, not the router).
         first_expert: The first global expert of ``bank``.
-        sharded: Whether ``bank`` is an expert-parallel shard (owner :data:`EXPERTS`).
+        sharded: Whether ``bank`` is an expert-parallel shard (owner
+            :data:`EXPERTS`; placement :data:`SHARDED`), else the full bank, an
+            engine parameter (placement :data:`REPLICATED`).
+        layer_idx: The decoder layer the linear belongs to.
     """
 
     name: str
@@ -67,11 +89,17 @@ class LayerLayout:
     num_experts: int
     first_expert: int
     sharded: bool
+    layer_idx: int
 
     @property
     def num_local(self) -> int:
         """``L``, the experts of :attr:`bank`."""
         return self.bank.num_experts
+
+    @property
+    def placement(self) -> str:
+        """:data:`SHARDED` or :data:`REPLICATED`."""
+        return SHARDED if self.sharded else REPLICATED
 
     @property
     def bank_owner(self) -> str:
@@ -96,30 +124,53 @@ class AdapterLayout:
     groups: ExpertGroups
 
     @classmethod
-    def build(cls, model: LoRAMoEModel, groups: ExpertGroups, stats: CommStats) -> AdapterLayout:
-        """Record the layout and, with ``ep_size > 1``, cut every bank to this rank's shard.
+    def build(
+        cls,
+        model: LoRAMoEModel,
+        groups: ExpertGroups,
+        stats: CommStats,
+        placements: Sequence[str] | None = None,
+    ) -> AdapterLayout:
+        """Record the layout and cut every :data:`SHARDED` bank to this rank's shard.
 
-        Each layer's full bank is replaced by an :class:`EPDispatcher` owning the
-        shard (``layer.experts`` becomes ``None``, so the bank is not a model
-        parameter). Call once, on the injected model, before ``deepspeed.initialize``.
+        Each sharded layer's full bank is replaced by an :class:`EPDispatcher`
+        owning the shard (``layer.experts`` becomes ``None``, so the bank is not a
+        model parameter); a replicated bank stays in the model. Call once, on the
+        injected model, before ``deepspeed.initialize``.
+
+        Args:
+            model: The injected model (full banks on every rank).
+            groups: The EP / EDP groups.
+            stats: The dispatchers' byte counter.
+            placements: Explicit placement per decoder layer (:func:`layer_placements`).
         """
+        per_layer = layer_placements(model.experts_per_layer, groups.ep_size, placements)
         layers = []
         for layer in model.moe_layers():
             full = layer.experts
             assert full is not None, f"{layer.name}: bank already detached"
             E = full.num_experts
-            if groups.ep_size == 1:
-                layers.append(LayerLayout(layer.name, layer.router.weight, full, E, 0, False))
+            assert E == model.experts_per_layer[layer.layer_idx], (layer.name, E)
+            where = (layer.name, layer.router.weight)
+            if per_layer[layer.layer_idx] == REPLICATED:
+                layers.append(LayerLayout(*where, full, E, 0, False, layer.layer_idx))
                 continue
             L = E // groups.ep_size
             lo = groups.ep_rank * L
             shard = _shard(layer, full, lo, L, groups, stats)
-            layers.append(LayerLayout(layer.name, layer.router.weight, shard, E, lo, True))
+            layers.append(LayerLayout(*where, shard, E, lo, True, layer.layer_idx))
         return cls(tuple(layers), groups)
+
+    def placements(self) -> list[str]:
+        """The placement of each decoder layer that has adapted linears, bottom to top."""
+        seen: dict[int, str] = {}
+        for lay in self.layers:
+            seen.setdefault(lay.layer_idx, lay.placement)
+        return [seen[i] for i in sorted(seen)]
 
     @property
     def expert_parallel(self) -> bool:
-        """Whether the banks are EP shards (owner :data:`EXPERTS`)."""
+        """Whether any bank is an EP shard (owner :data:`EXPERTS`)."""
         return any(lay.sharded for lay in self.layers)
 
     def router_params(self) -> list[nn.Parameter]:
@@ -127,11 +178,11 @@ class AdapterLayout:
         return [lay.router for lay in self.layers]
 
     def local_banks(self) -> list[ExpertBank]:
-        """The EP shards this rank holds (empty when replicated)."""
+        """The EP shards this rank holds, in layer order (empty when every bank is replicated)."""
         return [lay.bank for lay in self.layers if lay.sharded]
 
     def engine_params(self) -> dict[str, nn.Parameter]:
-        """``{name: parameter}`` of the adapter tensors DeepSpeed owns (routers [+ banks])."""
+        """``{name: parameter}`` of the tensors DeepSpeed owns (routers, replicated banks)."""
         out = {}
         for lay in self.layers:
             out[f"{lay.name}.router.weight"] = lay.router
@@ -165,7 +216,8 @@ class AdapterLayout:
         Args:
             full: ``param -> full CPU tensor`` of an engine (ZeRO) parameter.
             local: ``param -> local tensor`` of an EP shard; the EP group's shards
-                are all-gathered (global expert ``ep_rank * L + i``).
+                are all-gathered (global expert ``ep_rank * L + i``). Replicated
+                banks go through ``full``.
 
         Returns:
             ``{name: tensor}`` in the naming of ``LoRAMoEModel.adapter_named_parameters``.

@@ -1,68 +1,72 @@
-"""Metrics sinks on rank 0: stdout (via the progress bar), CSV and TensorBoard."""
+"""Rank 0's metric reporting: each logged step goes to every tracker of ``output.report_to``."""
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from loramoe_ds.train_loop.trackers import TRACKERS, Tracker
 
 
 class MetricsLogger:
-    """Append-only CSV + TensorBoard writer; a no-op on ranks other than 0.
-
-    The CSV is opened in append mode so a resumed run continues the same file
-    (with the header it was started with); each row carries the optimizer step,
-    so repeated or lost steps are visible.
+    """Starts the trackers (:mod:`~loramoe_ds.train_loop.trackers`) and fans each row out
+    to them; a no-op on ranks other than 0, which start none.
 
     Args:
-        out_dir: Run output directory (``metrics.csv`` and ``tb/`` go there).
+        out_dir: Run output directory (``metrics.csv``, ``tb/`` and the trackers'
+            files go there).
         enabled: False on non-zero ranks.
         fields: CSV columns, ``step`` first (the loop passes
             :func:`loramoe_ds.train_loop.step_metrics.csv_fields`).
+        report_to: The trackers (``output.report_to``).
+        config: The run config (:meth:`loramoe_ds.config.RunConfig.to_dict`), reported
+            once by every tracker.
+        run_name: The run's name in wandb and mlflow (default: the directory's name).
+
+    Raises:
+        ValueError: An unknown tracker name.
     """
 
     def __init__(
-        self, out_dir: str | Path, enabled: bool = True, fields: Sequence[str] | None = None
+        self,
+        out_dir: str | Path,
+        enabled: bool = True,
+        fields: Sequence[str] | None = None,
+        report_to: Sequence[str] = ("csv", "tensorboard"),
+        config: Mapping[str, Any] | None = None,
+        run_name: str | None = None,
     ):
         from loramoe_ds.train_loop.step_metrics import csv_fields
 
+        unknown = [n for n in report_to if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"output.report_to={list(report_to)!r}: valid {list(TRACKERS)}")
         self.enabled = enabled
-        self.fields = tuple(fields) if fields is not None else csv_fields()
-        self._csv = self._writer = self._tb = None
+        self.trackers: list[Tracker] = []
         if not enabled:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "metrics.csv"
-        new = not path.exists() or path.stat().st_size == 0
-        if not new:  # a resumed run keeps the columns the file started with
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), None)
-            if header:
-                self.fields = tuple(header)
-        self._csv = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self._writer = csv.DictWriter(self._csv, fieldnames=self.fields, extrasaction="ignore")
-        if new:
-            self._writer.writeheader()
+        kw = {
+            "out": out,
+            "config": dict(config or {}),
+            "fields": tuple(fields) if fields is not None else csv_fields(),
+            "run_name": run_name or out.resolve().name,
+        }
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            for name in report_to:
+                self.trackers.append(TRACKERS[name](**kw))
+        except BaseException:
+            self.close()
+            raise
 
-            self._tb = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard missing: CSV still works
-            self._tb = None
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self._writer.writerow({"step": step, **values})
-        self._csv.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                if v is not None:
-                    self._tb.add_scalar(f"train/{k}", v, step)
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        """Report one optimizer step's row to every tracker."""
+        for t in self.trackers:
+            t.log(step, values)
 
     def close(self) -> None:
-        if self._csv is not None:
-            self._csv.close()
-        if self._tb is not None:
-            self._tb.close()
+        """End every tracker's run (the ones started, if starting failed)."""
+        while self.trackers:
+            self.trackers.pop().close()

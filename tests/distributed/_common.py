@@ -20,28 +20,35 @@ VOCAB, LAYERS, HIDDEN = 64, 2, 32
 MICRO_B = 2
 
 
-def model_factory():
-    """The base model every rank builds (under zero.Init for ZeRO-3)."""
-    from loramoe_ds.tiny import tiny_model
+def factory(layers: int = LAYERS):
+    """A factory of the base model every rank builds (under zero.Init for ZeRO-3)."""
 
-    return tiny_model("llama", seed=0, vocab_size=VOCAB, layers=LAYERS, hidden=HIDDEN)
+    def build():
+        from loramoe_ds.tiny import tiny_model
+
+        return tiny_model("llama", seed=0, vocab_size=VOCAB, layers=layers, hidden=HIDDEN)
+
+    build.num_layers = layers
+    return build
 
 
-model_factory.num_layers = LAYERS
+model_factory = factory()
+MOLA = {"layers": 4, "adapter": {"num_experts": "2468"}}
+"""A case's model and adapter for MoLA's inverted triangle: 2, 4, 6, 8 experts in 4 layers."""
 
 
 def adapter_cfg(router: str, dropout: float = 0.0, **extra) -> AdapterConfig:
-    """The tests' adapter; ``extra`` sets further fields (e.g. ``null_experts``)."""
+    """The tests' adapter; ``extra`` sets or overrides fields (e.g. ``null_experts``)."""
     if router == "soft":
-        return AdapterConfig(
-            rank=4, alpha=8.0, dropout=dropout, router="soft", num_experts=4,
-            lbc_beta=0.1, load_balance_coef=0.01, z_loss_coef=0.001, **extra,
+        fields = dict(rank=4, alpha=8.0, dropout=dropout, router="soft", num_experts=4,
+                      lbc_beta=0.1, load_balance_coef=0.01, z_loss_coef=0.001)  # fmt: skip
+    else:
+        fields = dict(
+            target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
+            rank=4, alpha=8.0, dropout=dropout, router="topk", top_k=2, num_experts=[4, 8],
+            lbc_beta=0.05, load_balance_coef=0.01, z_loss_coef=0.001,
         )  # fmt: skip
-    return AdapterConfig(
-        target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
-        rank=4, alpha=8.0, dropout=dropout, router="topk", top_k=2, num_experts=[4, 8],
-        lbc_beta=0.05, load_balance_coef=0.01, z_loss_coef=0.001, **extra,
-    )  # fmt: skip
+    return AdapterConfig(**{**fields, **extra})
 
 
 def ds_config(world: int, stage: int, gas: int = 1):
@@ -79,17 +86,31 @@ def warmup_lr(sched: bool = True):
     return build
 
 
-def init_state(router: str, seed: int = 1, **extra) -> dict[str, torch.Tensor]:
+def init_state(
+    router: str, seed: int = 1, layers: int = LAYERS, **extra
+) -> dict[str, torch.Tensor]:
     """A full adapter state with non-zero B (so every gradient is non-trivial)."""
     from loramoe_ds.model.inject import inject
 
-    names = inject(model_factory(), adapter_cfg(router, **extra)).adapter_named_parameters()
+    model = inject(factory(layers)(), adapter_cfg(router, **extra))
+    names = model.adapter_named_parameters()
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n, p in names:
         scale = 0.5 if n.endswith("router.weight") else 0.2
         out[n] = torch.randn(p.shape, generator=g) * scale
     return out
+
+
+def case_model(case: dict, dropout: float = 0.0):
+    """``(model factory, adapter config, initial adapter)`` of a test case.
+
+    The case's ``router``, optional ``layers`` (decoder layers of the tiny model)
+    and ``adapter`` (further adapter fields, e.g. :data:`MOLA`'s allocation).
+    """
+    layers, extra = case.get("layers", LAYERS), case.get("adapter", {})
+    cfg = adapter_cfg(case["router"], dropout, **extra)
+    return factory(layers), cfg, init_state(case["router"], layers=layers, **extra)
 
 
 def batch(rank: int, step: int, micro: int) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Worker of test_reshard.py (one per rank): ``_reshard_worker.py ARGS OUT``.
 
 Each run of ``args["runs"]`` builds a trainer at this launch's world size with
-its own ``ep_size``, ZeRO stage, micro-batch and GAS (global batch
+its own model depth (``layers``), ``ep_size``, ZeRO stage, micro-batch and GAS (global batch
 :data:`GLOBAL_BATCH`), optionally resumes from a checkpoint, trains to
 :data:`STEPS` on the real data path (resumable sampler with ``global_batch`` ->
 :class:`StatefulLoader` -> :class:`Collator` -> ``step_batches``), saves
@@ -79,15 +79,16 @@ def one_run(spec: dict, out: Path) -> dict:
     import torch.distributed as dist
 
     world = int(os.environ["WORLD_SIZE"])
+    layers = spec.get("layers", C.LAYERS)
     trainer = MoETrainer.build(
-        C.model_factory,
+        C.factory(layers),
         adapter_cfg(spec["router"], spec.get("aux", True), spec.get("extra", {})),
         ds_config(world, spec["micro"], spec["gas"], spec.get("stage", 3)),
         spec["ep"],
         seed=0,
         optim=C.optim(0.5),
         lr_schedule=LRSchedule(STEPS, 2, 0.1),
-        init_state=C.init_state(spec["router"], **spec.get("extra", {})),
+        init_state=C.init_state(spec["router"], layers=layers, **spec.get("extra", {})),
     )
     rank = dist.get_rank()
     sampler = ResumableDistributedSampler(RECORDS, world, rank, seed=5, global_batch=GLOBAL_BATCH)
@@ -108,7 +109,8 @@ def one_run(spec: dict, out: Path) -> dict:
             trainer.save(spec["ckpt"], {"data": loader.state_dict()})
     final = trainer.full_adapter_state()
     dist.barrier()
-    return {"start": start, "rows": rows, "final": final if rank == 0 else None}
+    placed = trainer.layout.placements()
+    return {"start": start, "rows": rows, "final": final if rank == 0 else None, "placed": placed}
 
 
 def main():

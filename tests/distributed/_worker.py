@@ -77,13 +77,14 @@ def equivalence(args, out: Path):
     for case in args["cases"]:
         key = case["key"]
         world = int(os.environ["WORLD_SIZE"])
+        factory, cfg, init = C.case_model(case)
         # Each micro-batch's LM loss is its own token mean (the reference's objective).
         trainer = MoETrainer.build(
-            C.model_factory, C.adapter_cfg(case["router"]),
-            C.ds_config(world, case["stage"], case["gas"]), case["ep"], seed=0,
+            factory, cfg, C.ds_config(world, case["stage"], case["gas"]), case["ep"], seed=0,
             optim=C.optim(case["clip"], case.get("rls", 1.0)),
             lr_schedule=C.warmup_lr(case.get("sched", False)),
-            init_state=C.init_state(case["router"]), loss_reduction="micro_batch_mean",
+            init_state=init, loss_reduction="micro_batch_mean",
+            placements=case.get("placements"),
         )  # fmt: skip
         rank = dist.get_rank()
         base = base_state(trainer)  # collective
@@ -99,9 +100,12 @@ def equivalence(args, out: Path):
         res["losses"] = losses
         res["lrs"] = lrs
         res["final"] = trainer.full_adapter_state()
-        res["local_banks"] = [
-            (b.lora_A.detach().clone(), b.lora_B.detach().clone()) for b in trainer.banks
-        ]
+        res["placements"] = trainer.layout.placements()
+        res["local_banks"] = {  # the sharded layers' local shards: name -> (first expert, A, B)
+            lay.name: (lay.first_expert, lay.bank.lora_A.detach().clone(),
+                       lay.bank.lora_B.detach().clone())
+            for lay in trainer.layout.layers if lay.sharded
+        }  # fmt: skip
         res["comm"] = (trainer.comm.bytes_total, trainer.comm.bytes_remote)
         if case.get("export"):
             trainer.export_adapter(out / f"adapter_{key}")

@@ -34,16 +34,34 @@ CASES = {
         dict(key="ep4_soft_z3", ep=4, router="soft", stage=3, gas=1, clip=0.0, steps=2),
         dict(key="ep1_topk_z3_replicated_rls", ep=1, router="topk", stage=3, gas=1, clip=0.0,
              steps=2, rls=10.0),
+        # MoLA 2468 (4 layers): at ep 4 the 2- and 6-expert banks are replicated, the others
+        # sharded (the default rule); at ep 2 every bank is sharded, or as placed explicitly.
+        dict(key="mola_ep4_topk_z3_clip", ep=4, router="topk", stage=3, gas=1, clip=0.5,
+             steps=3, export=True, **C.MOLA),
+        dict(key="mola_ep4_soft_z3_clip", ep=4, router="soft", stage=3, gas=1, clip=0.5,
+             steps=3, **C.MOLA),
+        dict(key="mola_ep2_soft_z3", ep=2, router="soft", stage=3, gas=1, clip=0.0, steps=3,
+             **C.MOLA),
+        dict(key="mola_ep2_topk_z3_placed", ep=2, router="topk", stage=3, gas=1, clip=0.5,
+             steps=3, placements=["sharded", "replicated", "sharded", "replicated"], **C.MOLA),
     ],
 }  # fmt: skip
+PLACED = {  # the placement each case must get, per decoder layer
+    "mola_ep4_topk_z3_clip": ["replicated", "sharded", "replicated", "sharded"],
+    "mola_ep4_soft_z3_clip": ["replicated", "sharded", "replicated", "sharded"],
+    "mola_ep2_soft_z3": ["sharded"] * 4,
+    "mola_ep2_topk_z3_placed": ["sharded", "replicated", "sharded", "replicated"],
+}
+WORLD_IDX = [(w, i) for w in CASES for i in range(len(CASES[w]))]
 
 
 def reference(base_state, init, case, world, lrs):
     """Single-process run: same weights, same micro-batches, plain torch AdamW."""
     from loramoe_ds.model.inject import inject
 
+    factory, cfg, _ = C.case_model(case)
     torch.manual_seed(0)
-    model = inject(C.model_factory(), C.adapter_cfg(case["router"]))
+    model = inject(factory(), cfg)
     missing, unexpected = model.base.load_state_dict(base_state, strict=False)
     adapter = dict(model.adapter_named_parameters())
     assert not unexpected and set(missing) == set(adapter)
@@ -87,23 +105,35 @@ def _close(a, b, atol, what):
     assert err <= atol * max(1.0, scale), f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
-def run(request, tmp_path_factory):
-    world = request.param
-    out = tmp_path_factory.mktemp(f"eq{world}")
-    results = C.launch(world, "equivalence", {"cases": CASES[world]}, out, timeout=600)
-    return world, results, out
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """``launched(world) -> (world, results, out)``: one launch per world size, on first use."""
+    done = {}
+
+    def get(world):
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"eq{world}")
+            results = C.launch(world, "equivalence", {"cases": CASES[world]}, out, timeout=900)
+            done[world] = world, results, out
+        return done[world]
+
+    return get
 
 
-@pytest.mark.parametrize("idx", range(5))
-def test_matches_single_process(run, idx):
+@pytest.fixture(params=sorted(CASES), ids=lambda w: f"world{w}")
+def run(request, launched):
+    return launched(request.param)
+
+
+@pytest.mark.parametrize("world,idx", WORLD_IDX)
+def test_matches_single_process(launched, world, idx):
     """Loss, every trainable gradient and the params after a few AdamW steps match."""
-    world, results, out = run
+    world, results, out = launched(world)
     case = CASES[world][idx]
     key = case["key"]
     res = [results[r][key] for r in range(world)]
     init = res[0]["init"]
-    want_init = C.init_state(case["router"])
+    want_init = C.case_model(case)[2]
     for n in want_init:
         torch.testing.assert_close(init[n], want_init[n], rtol=0, atol=0)
     lrs = res[0]["lrs"]
@@ -138,35 +168,38 @@ def test_matches_single_process(run, idx):
             torch.testing.assert_close(res[r]["final"][n], res[0]["final"][n], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("idx", range(5))
-def test_experts_sharded_not_replicated(run, idx):
-    """EP ranks hold different experts; EDP replicas hold identical ones."""
-    world, results, _ = run
+@pytest.mark.parametrize("world,idx", WORLD_IDX)
+def test_experts_placed(launched, world, idx):
+    """Sharded banks: EP ranks hold different experts, EDP replicas identical ones,
+    each the slice ``[ep_rank*L, (ep_rank+1)*L)`` of the full bank; replicated banks
+    are not local shards (the engine holds them)."""
+    world, results, _ = launched(world)
     case = CASES[world][idx]
     ep, key = case["ep"], case["key"]
+    full = results[0][key]["final"]
+    layers = [n.removesuffix(".experts.lora_A") for n in full if n.endswith("experts.lora_A")]
+    placed = results[0][key]["placements"]
+    want = PLACED.get(key, ["replicated" if ep == 1 else "sharded"] * len(placed))
+    assert placed == want
+    index = {int(n.split(".layers.")[1].split(".")[0]) for n in layers}
+    assert sorted(index) == list(range(len(placed)))
+    sharded = [n for n in layers if placed[int(n.split(".layers.")[1].split(".")[0])] == "sharded"]
     banks = [results[r][key]["local_banks"] for r in range(world)]
-    if ep == 1:
-        assert all(b == [] for b in banks)  # replicated mode: experts are ZeRO params
-        return
-    E_layers = [a.shape[0] * ep for a, _ in banks[0]]
-    assert all(len(b) == len(banks[0]) for b in banks)
     for r in range(world):
-        for (a, _), e in zip(banks[r], E_layers):
-            assert a.shape[0] == e // ep
-        # the local shard is exactly the slice [ep_rank*L, (ep_rank+1)*L) of the full bank
+        assert results[r][key]["placements"] == placed
+        assert sorted(banks[r]) == sorted(sharded)
         p = r % ep
-        full = results[r][key]["final"]
-        names = sorted(n for n in full if n.endswith("experts.lora_A"))
-        layers = [n for n in full if n.endswith("experts.lora_A")]
-        assert len(names) == len(banks[r])
-        for (a, _), n in zip(banks[r], layers):
-            L = a.shape[0]
-            torch.testing.assert_close(a, full[n][p * L : (p + 1) * L], rtol=0, atol=0)
+        for n in sharded:
+            lo, a, b = banks[r][n]
+            E, L = full[f"{n}.experts.lora_A"].shape[0], a.shape[0]
+            assert L == E // ep and lo == p * L
+            torch.testing.assert_close(a, full[f"{n}.experts.lora_A"][lo : lo + L], rtol=0, atol=0)
+            torch.testing.assert_close(b, full[f"{n}.experts.lora_B"][lo : lo + L], rtol=0, atol=0)
     for r in range(world):
         for q in range(world):
-            same_ep_rank = r % ep == q % ep
-            for (a1, b1), (a2, b2) in zip(banks[r], banks[q]):
-                if same_ep_rank:
+            for n in sharded:
+                (_, a1, b1), (_, a2, b2) = banks[r][n], banks[q][n]
+                if r % ep == q % ep:
                     assert torch.equal(a1, a2) and torch.equal(b1, b2)
                 else:
                     assert not torch.allclose(a1, a2) and not torch.allclose(b1, b2)
@@ -193,7 +226,7 @@ def test_export_loads_without_deepspeed(run):
     cases = [c for c in CASES[world] if c.get("export")]
     assert cases
     for case in cases:
-        base = C.model_factory()
+        base = C.case_model(case)[0]()
         loaded = load_adapter(base, out / f"adapter_{case['key']}")
         got = dict(loaded.adapter_named_parameters())
         final = results[0][case["key"]]["final"]

@@ -14,6 +14,9 @@ and its final adapter, to fp32 rounding:
 * ZeRO-2 instead of ZeRO-3: world 2 -> 4 with ep 1 -> 2;
 * null experts and router supervision (docs/design.md): top-k world 2 -> 4 with
   ep 2 -> 4, soft world 2 -> 1 with ep 2 -> 1;
+* MoLA 2468 on a 4-layer model (docs/design.md, placement rule): ep 4 (the
+  2- and 6-expert banks replicated, the others sharded) -> ep 2 (all sharded,
+  world 4) and -> ep 1 (all replicated, world 1);
 * 2 ranks x micro 4 -> 1 rank x micro 4 x GAS 2, LM loss only: the aux losses
   are statistics of one micro-step (over its ranks), so changing GAS changes
   them; the token-mean LM loss covers the whole step at any GAS.
@@ -34,6 +37,7 @@ pytestmark = pytest.mark.distributed
 ROUTERS = ("soft", "topk")
 RTOL = 1e-5
 NULL_SUP = {"null_experts": 2, "router_supervision_coef": 0.5}
+MOLA = {"layers": 4, "extra": {"num_experts": "2468"}}
 
 
 def _launch(world, runs, out):
@@ -74,6 +78,12 @@ def runs(tmp_path_factory):
     second.append(dict(key="Z>w4", router="soft", stage=2, ep=2, micro=2, gas=1, resume=ck("Z")))
     second.append(dict(key="N>w4", router="topk", extra=NULL_SUP, ep=4, micro=2, gas=1,
                        resume=ck("N")))  # fmt: skip
+    for r in ROUTERS:
+        second += [
+            dict(key=f"P_{r}", router=r, ep=4, micro=2, gas=1, save_at=[2], ckpt=ck(f"P_{r}"),
+                 **MOLA),
+            dict(key=f"P>ep2_{r}", router=r, ep=2, micro=2, gas=1, resume=ck(f"P_{r}"), **MOLA),
+        ]  # fmt: skip
     out.update(_launch(4, second, root / "w4"))
     third = []
     for r in ROUTERS:
@@ -89,6 +99,10 @@ def runs(tmp_path_factory):
                        resume=ck("G")))  # fmt: skip
     fourth.append(dict(key="M>w1", router="soft", extra=NULL_SUP, ep=1, micro=8, gas=1,
                        resume=ck("M")))  # fmt: skip
+    fourth += [
+        dict(key=f"P>w1_{r}", router=r, ep=1, micro=8, gas=1, resume=ck(f"P_{r}"), **MOLA)
+        for r in ROUTERS
+    ]
     out.update(_launch(1, fourth, root / "w1"))
     return out
 
@@ -115,13 +129,23 @@ CASES = [  # (resumed run, uninterrupted run it must equal)
     ("G>w1gas2", "G"),  # 2 ranks x micro 4 -> 1 rank x micro 4 x GAS 2
     ("N>w4", "N"),  # null experts + supervision, top-k: world 2 -> 4, ep 2 -> 4
     ("M>w1", "M"),  # null experts + supervision, soft: world 2 -> 1, ep 2 -> 1
+    *[(f"P>ep2_{r}", f"P_{r}") for r in ROUTERS],  # MoLA 2468: ep 4 (mixed) -> 2, world 4
+    *[(f"P>w1_{r}", f"P_{r}") for r in ROUTERS],  # MoLA 2468: ep 4 (mixed) -> 1, world 1
 ]
+PLACED = {  # MoLA 2468's placement per decoder layer at each ep_size
+    "P": ["replicated", "sharded", "replicated", "sharded"],
+    "P>ep2": ["sharded"] * 4,
+    "P>w1": ["replicated"] * 4,
+}
 
 
 @pytest.mark.parametrize("resumed,reference", CASES)
 def test_resume_on_other_topology_equals_uninterrupted(runs, resumed, reference):
     got, want = runs[resumed], runs[reference]
     assert got["start"] == 2 and sorted(got["rows"]) == [3, 4, 5]
+    for key, run in ((resumed, got), (reference, want)):
+        if key.split("_")[0] in PLACED:
+            assert run["placed"] == PLACED[key.split("_")[0]], key
     _same_run(got, want, [3, 4, 5])
 
 

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="fake training steps")
     parser.add_argument("--sleep", type=float, default=0.5, help="seconds per fake step")
     parser.add_argument("--ds-config", default=None, help="also train 2 steps with this JSON")
+    parser.add_argument(
+        "--ds-set", nargs="*", default=[], help="run-config overrides the JSON is filled from"
+    )
     args = parser.parse_args(argv)
 
     handler = PreemptionHandler().install()  # before anything slow, like the trainer
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if args.ds_config:
-        record["ds_config_losses"] = _ds_config_steps(deepspeed, args.ds_config)
+        record.update(_ds_config_steps(deepspeed, args.ds_config, args.ds_set))
 
     status = 0
     if args.steps:
@@ -115,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _ds_config_steps(deepspeed, path: str) -> list[float]:
-    """``deepspeed.initialize`` a tiny model with a client torch AdamW; 2 steps."""
+def _ds_config_steps(deepspeed, path: str, overrides: list[str]) -> dict:
+    """``deepspeed.initialize`` a tiny model with a client torch AdamW and the JSON as the
+    trainer hands it over (filled in from a run config with ``overrides``); 2 steps."""
+    from loramoe_ds.config import load_ds_config, load_run_config, resolve_ds_config
+
+    run = load_run_config(None, overrides)
+    cfg = resolve_ds_config(run, load_ds_config(path), dist.get_world_size(), where=path)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=path)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
     micro = engine.train_micro_batch_size_per_gpu()
     dtype = next(p for p in engine.module.parameters()).dtype
     losses = []
@@ -130,7 +138,16 @@ def _ds_config_steps(deepspeed, path: str) -> list[float]:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    return losses
+    return {
+        "ds_config_losses": losses,
+        "ds_engine": {
+            "micro_batch": micro,
+            "grad_accum": engine.gradient_accumulation_steps(),
+            "train_batch": engine.train_batch_size(),
+            "bf16": engine.bfloat16_enabled(),
+            "zero_stage": engine.zero_optimization_stage(),
+        },
+    }
 
 
 def _fake_training(args, rank: int, handler: PreemptionHandler, out: Path) -> tuple[list, int]:

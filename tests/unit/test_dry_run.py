@@ -64,6 +64,28 @@ def test_nodes_times_gpus_per_node(launcher, capsys):
     assert "EP groups span nodes" in capsys.readouterr().out
 
 
+def test_any_allocation_at_any_ep_size(launcher, capsys):
+    """The issue's case: MoLA 2468 at ep_size 4 plans, each layer's placement printed."""
+    argv = ["--config", CONFIG, "--dry-run", "--world-size", "4", "adapter.router=topk",
+            "adapter.top_k=2", "adapter.num_experts=inverted_triangle", "parallel.ep_size=4",
+            "train.micro_batch_size=2", "model.tiny_layers=8"]  # fmt: skip
+    assert launcher.main(argv) == 0
+    out = capsys.readouterr().out
+    assert (
+        "expert placement (ep_size 4): layers 0-1: 2 experts replicated; layers 2-3: 4 experts "
+        "sharded, 1 per EP rank; layers 4-5: 6 experts replicated; layers 6-7: 8 experts "
+        "sharded, 2 per EP rank"
+    ) in out
+    assert "[2, 2, 1, 1, 6, 6, 2, 2]... local per EP rank" in out
+    argv[argv.index("parallel.ep_size=4")] = "parallel.ep_size=2"
+    assert launcher.main(argv) == 0
+    assert (
+        "expert placement (ep_size 2): layers 0-1: 2 experts sharded, 1 per EP rank; layers 2-3: "
+        "4 experts sharded, 2 per EP rank; layers 4-5: 6 experts sharded, 3 per EP rank; layers "
+        "6-7: 8 experts sharded, 4 per EP rank"
+    ) in capsys.readouterr().out
+
+
 def test_laptop_dry_run_without_topology_says_how(launcher, capsys):
     """The issue's case: ep_size 2 on a 1-process dry run fails, and the message says what to do."""
     assert launcher.main(["--config", CONFIG, "--dry-run"]) == 2
@@ -127,3 +149,32 @@ def test_unreadable_model_dir_is_one_line_exit_2(launcher, capsys, tmp_path, con
     err = capsys.readouterr().err
     assert err.startswith(f"error: model.name={str(tmp_path)!r}") and err.count("\n") == 1
     assert re.search(msg, err)
+
+
+def test_shipped_ds_config_takes_command_line_batch_and_precision(launcher, capsys, tmp_path):
+    """The issue's case: a shipped JSON with ``train.micro_batch_size=8`` plans (its batch keys
+    are "auto"); the dict handed to DeepSpeed holds the run config's values; a user JSON
+    with an explicit micro-batch still disagrees in one line."""
+    from loramoe_ds.config import load_ds_config, load_run_config
+    from loramoe_ds.plan import make_plan
+
+    ds_json = str(ROOT / "ds_configs" / "zero3.json")
+    over = ["train.micro_batch_size=8", "train.grad_accum=3", "train.precision=bf16"]
+    argv = ["--config", CONFIG, "--deepspeed", ds_json, "--dry-run", "--world-size", "2"]
+    assert launcher.main([*argv, *over]) == 0
+    assert "batch: micro 8 x grad_accum 3 x DP 2 = global 48; ZeRO stage 3; bf16" in (
+        capsys.readouterr().out
+    )
+    plan = make_plan(load_run_config(CONFIG, over), load_ds_config(ds_json), 2, 0)
+    handed = plan.ds_config  # what run.train passes to MoETrainer.build -> deepspeed
+    assert handed["train_micro_batch_size_per_gpu"] == 8
+    assert handed["gradient_accumulation_steps"] == 3 and handed["train_batch_size"] == 48
+    assert handed["bf16"] == {"enabled": True} and "gradient_clipping" not in handed
+
+    explicit = tmp_path / "mine.json"
+    explicit.write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}')
+    argv = ["--config", CONFIG, "--deepspeed", str(explicit), "--dry-run", "--world-size", "2"]
+    assert launcher.main([*argv, *over]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "ds_config: train_micro_batch_size_per_gpu=4 but the run config gives 8" in err

@@ -331,3 +331,43 @@ def test_sparse_dropout_gradient_is_the_mask_for_any_incoming_gradient():
     g = torch.randn(6, 3)
     (_ZeroAt.apply(x, pos) @ w).backward(g)  # fresh gradient, zeroed in place
     torch.testing.assert_close(x.grad, (g @ w.t()) * keep, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "device,dtype,cap,want",
+    [("cuda", torch.bfloat16, (9, 0), True), ("cuda", torch.bfloat16, (8, 0), True),
+     ("cuda", torch.bfloat16, (7, 5), False), ("cuda", torch.bfloat16, (7, 0), False),
+     ("cuda", torch.float32, (9, 0), False), ("cuda", torch.bfloat16, None, False),
+     ("cpu", torch.float32, None, True), ("cpu", torch.bfloat16, None, True),
+     ("cpu", torch.float16, None, False), ("mps", torch.bfloat16, None, False)],
+)  # fmt: skip
+def test_grouped_mm_needs_sm80_bf16_on_cuda(device, dtype, cap, want):
+    """torch's grouped GEMM kernels: bf16 on SM80+ (a T4 or V100 falls back to the
+    padded bmm instead of raising); fp32 and bf16 on CPU."""
+    from loramoe_ds.model.experts import grouped_mm_supported
+
+    assert grouped_mm_supported(device, dtype, cap) is want
+
+
+def test_aligned_groups_give_the_unaligned_result(monkeypatch):
+    """Groups padded to 8 rows (what the GPU path does) compute the same rows and grads."""
+    from loramoe_ds.model import experts as ex
+
+    torch.manual_seed(0)
+    bank = _bank(4, 16, 8, 8)
+    counts = torch.tensor([3, 0, 9, 2])
+    x = torch.randn(int(counts.sum()), 16)
+    c = torch.rand(int(counts.sum()))
+    outs = []
+    for align in (1, 8):
+        monkeypatch.setattr(ex, "group_align_rows", lambda *a, n=align: n)
+        xg, cg = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        y = bank(xg, counts_E=counts, row_scale_N=cg)
+        grads = torch.autograd.grad((y * torch.arange(y.numel()).view_as(y)).sum(),
+                                    [xg, cg, bank.lora_A, bank.lora_B])  # fmt: skip
+        outs.append((y, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    dest, padded = ex._aligned_rows(counts, 8, int(counts.sum()))
+    assert padded.tolist() == [8, 0, 16, 8]
+    assert dest.tolist() == [0, 1, 2, *range(8, 17), 24, 25]

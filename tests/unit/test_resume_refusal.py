@@ -60,18 +60,21 @@ def _plan(tmp_path, world, *overrides, resume="auto"):
 
 
 def test_other_world_size_and_ep_size_with_the_same_global_batch_pass(ckpt, tmp_path):
-    """World 2 x micro 4 saved; 4 x 2, 1 x 4 x GAS 2, 8 x 1 (ep 4) resume (global batch 8)."""
+    """World 2 x micro 4 saved; 4 x 2, 1 x 4 x GAS 2, 8 x 1 (ep 4) resume (global batch 8).
+
+    So does ep 8, which cannot split the 4-expert banks: they are replicated.
+    """
     _plan(tmp_path, 4, "train.micro_batch_size=2")
     _plan(tmp_path, 1, "train.grad_accum=2", "parallel.ep_size=1")
     _plan(tmp_path, 8, "train.micro_batch_size=1", "parallel.ep_size=4")
+    plan = _plan(tmp_path, 8, "train.micro_batch_size=1", "parallel.ep_size=8")
+    assert set(plan.placements) == {"replicated"}
     _plan(tmp_path, 8, "train.micro_batch_size=1", resume="none")  # no check without resume
 
 
 @pytest.mark.parametrize(
     "world,overrides,message",
     [
-        (8, ["train.micro_batch_size=1", "parallel.ep_size=8"],
-         "on world size 8, ep_size 8: ep_size 8 does not divide layer 0's 4 experts"),
         (2, ["adapter.rank=8"], "the adapter config differs (rank saved 4 now 8)"),
         (2, ["adapter.router=topk", "adapter.top_k=2"], "the adapter config differs (router saved"),
         (2, ["model.tiny_hidden=32"], "a different base model (hidden_size saved 64 now 32"),
@@ -106,7 +109,7 @@ def test_launcher_dry_run_reports_the_refusal(ckpt, tmp_path, capsys, monkeypatc
     try:
         code = mod.main(["--config", CONFIG, "--dry-run", "--world-size", "8",
                          f"output.dir={tmp_path}", "train.micro_batch_size=1",
-                         "parallel.ep_size=8"])  # fmt: skip
+                         "parallel.ep_size=8", "adapter.rank=8"])  # fmt: skip
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -1,6 +1,7 @@
 """Run-config loading, overrides and validation against the DeepSpeed JSON."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +84,7 @@ def test_load_ds_config_errors(tmp_path):
     [
         ("train.lr=abc", r"^overrides: train.lr='abc': expected a float"),
         ("train.max_steps=abc", r"^overrides: train.max_steps='abc': expected an int$"),
-        ("parallel.ep_size=abc", r"^overrides: parallel.ep_size='abc': expected an int$"),
+        ("parallel.ep_size=abc", r"^overrides: parallel.ep_size='abc': must be an int >= 1"),
         ("train.max_steps=2.5", r"train.max_steps=2.5: expected an int$"),
         ("train.seed=true", r"train.seed=True: expected an int$"),
         ("train.lr=inf", r"train.lr=inf: expected a float"),
@@ -162,3 +163,64 @@ def test_yaml_syntax_error_is_one_line_with_position(tmp_path):
     tab = _write(tmp_path, "train:\n\tlr: 1\n", "tab.yaml")
     with pytest.raises(ValueError, match=r"tab.yaml:2:1: not valid YAML/JSON: found char"):
         load_run_config(tab)
+
+
+# ------------------------------------------------------------ DeepSpeed JSON "auto"
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_ds_configs_leave_the_run_configs_keys_auto(path):
+    """Every key the run config owns is "auto" in the shipped JSONs; nothing else is."""
+    ds = load_ds_config(path)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):  # fmt: skip
+        assert ds[key] == "auto", key
+    assert ds["bf16"] == {"enabled": "auto"} and "fp16" not in ds
+    assert "train_batch_size" not in ds and "optimizer" not in ds and "scheduler" not in ds
+    assert ds["zero_optimization"]["stage"] == int(path.stem[4])
+    assert "auto" not in json.dumps(ds["zero_optimization"])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["train.micro_batch_size=8", "train.grad_accum=3", "train.grad_clip=0.5"],
+        ["train.precision=bf16", "train.micro_batch_size=1", "train.grad_clip=0"],
+    ],
+)
+def test_shipped_ds_config_with_overrides_is_filled_from_the_run_config(path, overrides):
+    stage = int(path.stem[4])
+    run = load_run_config(None, [*overrides, f"parallel.zero_stage={stage}"])
+    ds = resolve_ds_config(run, load_ds_config(path), world_size=2)
+    t = run.train
+    assert ds["train_micro_batch_size_per_gpu"] == t.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == t.grad_accum
+    assert ds["train_batch_size"] == t.micro_batch_size * t.grad_accum * 2
+    assert ds["bf16"] == {"enabled": t.precision == "bf16"}
+    assert "gradient_clipping" not in ds  # the trainer's own joint clip (train.grad_clip)
+    assert "auto" not in json.dumps(ds)
+    shipped = load_ds_config(path)["zero_optimization"]
+    assert ds["zero_optimization"] == shipped  # DeepSpeed's business is kept as written
+
+
+def test_explicit_ds_values_are_still_checked():
+    """A user JSON's explicit values must agree; "auto" only for the run config's keys."""
+    run = load_run_config(None, ["train.micro_batch_size=8", "train.precision=bf16"])
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 but the run config"):
+        resolve_ds_config(run, {"train_micro_batch_size_per_gpu": 4}, world_size=2)
+    with pytest.raises(ValueError, match="bf16.enabled=False but train.precision='bf16'"):
+        resolve_ds_config(run, {"bf16": {"enabled": False}}, world_size=2)
+    with pytest.raises(ValueError, match=r'zero_optimization.reduce_bucket_size="auto": only'):
+        resolve_ds_config(run, {"zero_optimization": {"reduce_bucket_size": "auto"}}, 2)
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        resolve_ds_config(run, {"fp16": {"enabled": "true"}}, world_size=2)
+    ok = {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}, "gradient_clipping": 1,
+          "fp16": {"enabled": "auto"}}  # fmt: skip
+    ds = resolve_ds_config(run, ok, world_size=2)
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["train_batch_size"] == 16
+    # absent precision keys are filled like "auto"
+    assert resolve_ds_config(run, {}, world_size=2)["bf16"] == {"enabled": True}

@@ -30,7 +30,9 @@ CONFIG_CASES = [
     (["adapter.router=dense"], "valid values ['soft', 'topk']"),
     (["adapter.capacity_factor=1.0"], "only meaningful with router='topk'"),
     (["model.name=tiny-gpt"], "tiny models are tiny-llama, tiny-qwen2, tiny-mistral"),
+    (["model.attn_implementation=flash"], "model.attn_implementation='flash': valid values"),
     (["train.global_batch_size=10"], "train.global_batch_size=10 but micro_batch_size"),
+    (["output.report_to=comet"], "valid values ['csv', 'tensorboard', 'wandb', 'mlflow']"),
 ]
 
 
@@ -52,6 +54,10 @@ def test_config_errors_are_documented(overrides, phrase):
         ({"bf16": {"enabled": True}}, "bf16.enabled=True but train.precision='fp32'"),
         ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2 but parallel.zero_stage"),
         ({"gradient_clipping": 0.5}, "gradient_clipping=0.5 but train.grad_clip=1.0"),
+        (
+            {"zero_optimization": {"reduce_bucket_size": "auto"}},
+            'zero_optimization.reduce_bucket_size="auto": only the keys the run config owns',
+        ),
     ],
 )
 def test_deepspeed_json_errors_are_documented(ds, phrase):

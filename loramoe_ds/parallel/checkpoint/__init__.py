@@ -23,10 +23,11 @@ W and ``ep_size`` P, written once by rank 0 (``io.atomic_dir``)::
 
 Names are those of :meth:`LoRAMoEModel.adapter_named_parameters` of the unsharded
 model (``<linear>.router.weight``, ``<linear>.experts.lora_A`` ``E x R x D``,
-``.lora_B`` ``E x R x O``). Saving gathers: routers (and, with P = 1, the
-banks) from DeepSpeed's partitioned fp32 master weights and Adam moments
-(``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, collectives);
-expert shards and their expert-AdamW moments by an all-gather over the EP group
+``.lora_B`` ``E x R x O``). Saving gathers: routers and replicated banks
+(:mod:`~loramoe_ds.parallel.layout`) from DeepSpeed's partitioned fp32 master
+weights and Adam moments (``safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state``, collectives); sharded banks' expert shards
+and their expert-AdamW moments by an all-gather over the EP group
 (global expert ``ep_rank * L + i``, ``L = E / P``). Loading slices what this rank
 owns under the *new* topology: ZeRO parameters through
 :mod:`~loramoe_ds.parallel.zero_state` (the one user of DeepSpeed optimizer
@@ -36,10 +37,11 @@ resume at the same topology continues bit for bit, and one at another topology
 continues the same optimisation (same data per step when the global batch is
 the same; see :mod:`loramoe_ds.data.sampler`).
 
-What may change between save and resume: W, P (dividing W and every layer's
-expert count), nodes, micro-batch and gradient accumulation as long as the
-global batch ``train_batch_size`` is the same. What may not: the adapter
-config, the base model, the global batch. :func:`check_compatible` refuses
+What may change between save and resume: W, P (dividing W; a bank the new P
+cannot split is replicated, so a bank's placement may change too), nodes,
+micro-batch and gradient accumulation as long as the global batch
+``train_batch_size`` is the same. What may not: the adapter config, the base
+model, the global batch. :func:`check_compatible` refuses
 those naming both topologies; ``make_plan`` runs it before any heavy work.
 Dropout RNG streams are per rank: they are restored at the same world size only.
 

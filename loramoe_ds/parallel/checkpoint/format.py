@@ -87,7 +87,8 @@ def check_compatible(meta: dict, now: dict, where: str | Path) -> None:
     Raises:
         ValueError: Unknown format, a different adapter config, allocation, base
             model or global batch, or an ``ep_size`` that does not divide the
-            world size or some layer's expert count.
+            world size (any expert count loads: a bank the new ``ep_size``
+            cannot split is replicated, :mod:`loramoe_ds.parallel.layout`).
     """
     now = json.loads(json.dumps(now))  # tuples -> lists, as in the saved JSON
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -121,12 +122,6 @@ def check_compatible(meta: dict, now: dict, where: str | Path) -> None:
     W, P = now["world_size"], now["ep_size"]
     if W % P:
         raise ValueError(head + f"ep_size {P} does not divide the world size {W}")
-    for layer, n in enumerate(now["experts_per_layer"]):
-        if n % P:
-            raise ValueError(
-                head + f"ep_size {P} does not divide layer {layer}'s {n} experts (choose an "
-                "ep_size dividing every layer's expert count)"
-            )
     if meta["train_batch_size"] != now["train_batch_size"]:
         raise ValueError(
             head + f"global batch (train_batch_size) saved {meta['train_batch_size']}, now "

@@ -1,13 +1,14 @@
 """The adapter's tensors and Adam state, gathered to full tensors and scattered back (collective).
 
 Saving gathers through the trainer's :class:`~loramoe_ds.parallel.layout.AdapterLayout`:
-routers (and, with P = 1, the banks) from DeepSpeed's partitioned fp32 master
-weights and Adam moments (``safe_get_full_fp32_param`` /
-``safe_get_full_optimizer_state``), expert shards and their expert-AdamW moments
+routers and replicated banks from DeepSpeed's partitioned fp32 master weights
+and Adam moments (``safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state``), sharded banks and their expert-AdamW moments
 by an all-gather over the EP group. Loading slices what this rank owns under the
-*new* topology: ZeRO parameters through :mod:`~loramoe_ds.parallel.zero_state`
-(the working low-precision copy is refreshed), EP shards as global experts
-``[ep_rank * L, (ep_rank + 1) * L)``.
+*new* topology and placement (a bank sharded when saved may be replicated now,
+or the reverse: the checkpoint holds full tensors): engine parameters through
+:mod:`~loramoe_ds.parallel.zero_state` (the working low-precision copy is
+refreshed), EP shards as global experts ``[ep_rank * L, (ep_rank + 1) * L)``.
 """
 
 from __future__ import annotations
