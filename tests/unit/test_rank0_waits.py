@@ -88,7 +88,7 @@ def test_prepare_data_and_cache_barrier_wait_on_the_side_group(world_of_one, tmp
 
     calls = _spy_waits(monkeypatch)
     small = tmp_path / "small.jsonl"  # a few records: the waits are what is tested
-    rec = {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"}
+    rec = {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5", "task_type": 0}
     small.write_text("\n".join(json.dumps(rec) for _ in range(8)) + "\n")
     run = load_run_config(None, ["model.name=tiny-llama", f"output.dir={tmp_path}",
                                  f"data.train_files=[{small}]", "train.micro_batch_size=1",
