@@ -1,7 +1,7 @@
 """The CI-sized chaos run: faults injected into a whole 2-rank run, nothing lost or repeated.
 
 ``bench/chaos.py`` (the longer run and its figures: docs/reliability.md) trains
-the tiny model for 20 steps, checkpointing every 5, with 2 faults at seeded
+the tiny model for 25 steps, checkpointing every 5, with 2 faults at seeded
 random points -- a SIGSTOPped rank (the other must exit 76 within
 ``parallel.timeout_s``), and a node loss (both ranks SIGKILLed) followed by a
 damaged newest checkpoint -- relaunching the same command after each. The final
@@ -23,7 +23,7 @@ import pytest
 @pytest.mark.distributed
 def test_faults_change_nothing(tmp_path):
     report_file = tmp_path / "report.json"
-    args = ["--steps", "20", "--save-every", "5", "--faults", "2", "--seed", "1",
+    args = ["--steps", "25", "--save-every", "5", "--faults", "2", "--seed", "1",
             "--kinds", "stop_rank,corrupt", "--timeout-s", "5",
             "--out", str(tmp_path / "chaos"), "--json", str(report_file)]  # fmt: skip
     code = chaos.main(args)
@@ -31,7 +31,7 @@ def test_faults_change_nothing(tmp_path):
     summary = {k: v for k, v in report.items() if k != "events"}
     assert code == 0, json.dumps(report, indent=1)[-4000:]
     assert report["faults_by_kind"] == {"stop_rank": 1, "corrupt": 1}, summary
-    assert report["every_step_once"] and report["metrics_rows"] == 20
+    assert report["every_step_once"] and report["metrics_rows"] == 25
     assert report["adapter_max_abs_diff"] == 0.0 and report["adam_moments_max_abs_diff"] == 0.0
     assert report["metrics_max_abs_diff"] == 0.0 and report["adam_steps_equal"]
     events = report["events"]
