@@ -8,7 +8,9 @@
 
 Also runs under torchrun, ``srun`` (SLURM_* mapped to RANK/WORLD_SIZE/...) and
 ``mpirun`` (OpenMPI variables). Configs are validated before any process group.
-Exit code 75 means "checkpointed on a preemption signal: requeue me".
+Exit codes (:mod:`loramoe_ds.launch.exit_codes`): 0 done, 2 bad input, 65 non-finite
+stop, 74 checkpoint not written, 75 preempted (requeue), 76 a peer rank died or went
+silent (requeue); every failure but a bug is one line on stderr.
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ def main(argv=None) -> int:
         return 0
     import torch.distributed as dist
 
+    from loramoe_ds.launch import exit_codes
+    from loramoe_ds.parallel.checkpoint import (
+        CheckpointDamagedError,
+        CheckpointRefusedError,
+        CheckpointSaveError,
+    )
+    from loramoe_ds.parallel.nonfinite import NonFiniteStopError
     from loramoe_ds.run import prepare_data
 
     try:
@@ -136,13 +145,29 @@ def main(argv=None) -> int:
             data = prepare_data(plan)
         except ValueError as e:  # a bad record: file:line: field ..., one line, exit 2
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return exit_codes.BAD_INPUT
         summary = train(
             plan, resume=args.resume, stop_after=args.stop_after, handler=handler, data=data
         )
         if dist.get_rank() == 0:
             print("[done] " + json.dumps(summary), flush=True)
-        return REQUEUE_EXIT_CODE if summary["preempted"] else 0
+        return REQUEUE_EXIT_CODE if summary["preempted"] else exit_codes.OK
+    except (CheckpointDamagedError, CheckpointRefusedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.SAVE_FAILED
+    except NonFiniteStopError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.NONFINITE
+    except exit_codes.PeerLostError as e:
+        print(f"error: rank {env.rank}: {e}", file=sys.stderr)
+        # With a dead or frozen peer the process group cannot be torn down cleanly (its
+        # destructors wait on the peer): leave at once, the files are already closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_codes.PEER_LOST)
     finally:
         handler.uninstall()
         if dist.is_initialized():

@@ -85,8 +85,15 @@ def hf_config(run) -> tuple[Any, str | None]:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir), model_dir
-    except (OSError, ValueError, KeyError) as e:  # unreadable or unknown model_type
+        trust = run.model.trust_remote_code  # never the library's default: the user's choice
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust), model_dir
+    except (OSError, ValueError, KeyError) as e:  # unreadable, unknown model_type, needs code
+        if "trust_remote_code" in str(e):
+            raise ValueError(
+                f"model.name={name!r}: {model_dir} needs its own Python code (auto_map in "
+                "config.json), which is not run by default; set model.trust_remote_code=true "
+                "only for code you trust"
+            ) from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(
             f"model.name={name!r}: transformers cannot read {model_dir}/config.json: {first}"
@@ -148,7 +155,9 @@ def load_tokenizer(plan, is_main: bool, barrier):
     if plan.model_dir is not None:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(plan.model_dir)
+        return AutoTokenizer.from_pretrained(
+            plan.model_dir, trust_remote_code=run.model.trust_remote_code
+        )
     from loramoe_ds.data import demo_path
     from loramoe_ds.tiny import tiny_tokenizer
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from loramoe_ds.base_model import load_tokenizer, model_factory
 from loramoe_ds.config import RunConfig
-from loramoe_ds.parallel.groups import init_process_group
+from loramoe_ds.launch.exit_codes import collective_phase
+from loramoe_ds.parallel.groups import init_process_group, rank0_group
 from loramoe_ds.plan import Plan, checkpoint_source
 
 
@@ -30,6 +31,50 @@ def _train_files(run: RunConfig) -> list[str]:
 
 def _noop() -> None:
     return None
+
+
+def _start_process_group(run: RunConfig) -> None:
+    init_process_group(run.parallel.timeout_s, run.parallel.rank0_timeout_s)
+
+
+def _rank0_barrier() -> None:
+    """Wait for rank-0-only work (the data cache) on the long-timeout gloo side group."""
+    import torch.distributed as dist
+
+    dist.barrier(group=rank0_group())
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop the rows of ``metrics.csv`` after optimizer step ``step`` (rank 0, on resume).
+
+    A run that died after logging steps past its last checkpoint re-does those
+    steps; cutting the file back to the checkpoint's step first keeps every step
+    logged exactly once. Cut in place (``os.truncate``), so the CSV tracker's
+    handle, already open in append mode, goes on writing at the new end.
+
+    Returns:
+        The number of rows removed.
+    """
+    import csv
+    import os
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    if not lines:
+        return 0
+    header = next(csv.reader([lines[0].decode()]))
+    col = header.index("step") if "step" in header else 0
+    offset = len(lines[0])
+    for i, raw in enumerate(lines[1:], start=1):
+        row = next(csv.reader([raw.decode()]), [])
+        if row and row[col].isdigit() and int(row[col]) > step:
+            os.truncate(path, offset)
+            return len(lines) - i
+        offset += len(raw)
+    return 0
 
 
 @dataclass
@@ -53,8 +98,9 @@ def prepare_data(plan: Plan) -> PreparedData:
     """Validate and tokenise the training data before any model is loaded or engine built.
 
     Rank 0 loads the tokenizer (cheap), validates every record and writes the
-    tokenised cache; with several ranks the others wait on a plain process group
-    (no DeepSpeed engine, no model) and receive rank 0's verdict, so a bad record
+    tokenised cache; with several ranks the others wait on the gloo side group
+    with ``parallel.rank0_timeout_s`` (no DeepSpeed engine, no model; not an NCCL
+    collective under a short watchdog) and receive rank 0's verdict, so a bad record
     costs seconds on every rank instead of surfacing after the model loads. With
     one process no process group is created at all.
 
@@ -71,7 +117,7 @@ def prepare_data(plan: Plan) -> PreparedData:
     files = _train_files(run)
     world, is_main = plan.world_size, plan.rank == 0
     if world > 1:
-        init_process_group()  # the process group only; train and MoETrainer.build reuse it
+        _start_process_group(run)  # the process group only; train and MoETrainer.build reuse it
     tok, stats, err, exc = None, None, None, None
     if is_main:
         try:
@@ -80,11 +126,12 @@ def prepare_data(plan: Plan) -> PreparedData:
         except BaseException as e:  # the other ranks must hear of it, not hang
             exc = e
             err = (isinstance(e, ValueError), str(e) or type(e).__name__)
-    if world > 1:
+    if world > 1:  # the others waited for rank 0's tokenising on the long-timeout side group
         import torch.distributed as dist
 
         box = [err]
-        dist.broadcast_object_list(box, src=0)
+        with collective_phase("waiting for rank 0 to prepare the data"):
+            dist.broadcast_object_list(box, src=0, group=rank0_group())
         err = box[0]
     if exc is not None:
         raise exc
@@ -122,7 +169,7 @@ def start_metrics(plan: Plan) -> Any:
         try:
             metrics = MetricsLogger(
                 out.dir,
-                fields=csv_fields(STEP_METRICS),
+                fields=(*csv_fields(STEP_METRICS), "skipped_steps"),  # parallel/nonfinite.py
                 report_to=out.report_to,
                 config=plan.run.to_dict(),
                 run_name=out.run_name,
@@ -177,6 +224,7 @@ def train(
     from loramoe_ds.launch.preempt import PreemptionHandler
     from loramoe_ds.parallel.checkpoint import latest_tag
     from loramoe_ds.parallel.engine import MoETrainer
+    from loramoe_ds.parallel.nonfinite import NonFiniteStreak
     from loramoe_ds.train_loop.policy import CheckpointPolicy
     from loramoe_ds.train_loop.step_batches import step_batches
     from loramoe_ds.train_loop.step_metrics import MetricsAccumulator
@@ -188,7 +236,7 @@ def train(
     if own_handler:
         handler = PreemptionHandler().install()
     data = data or prepare_data(plan)
-    init_process_group()  # one process: started only now, after the data was checked
+    _start_process_group(run)  # one process: started only now, after the data was checked
     metrics = start_metrics(plan)  # before the model loads: a failing tracker costs seconds
     trainer = MoETrainer.build(
         model_factory(plan),
@@ -213,7 +261,7 @@ def train(
         rank=rank,
         world_size=world,
         is_main=is_main,
-        barrier=dist.barrier,
+        barrier=_rank0_barrier,
         global_batch=int(plan.ds_config["train_batch_size"]),
         flash_attn_kwargs=run.model.attn_implementation.startswith("flash"),
     )
@@ -223,10 +271,16 @@ def train(
     if resume != "none":
         src = checkpoint_source(run, resume)
         if resume != "auto" or latest_tag(src) is not None:
-            client = trainer.load(src)
+            with collective_phase("resuming from a checkpoint"):
+                client = trainer.load(src)
             if client is not None:
                 loader.load_state_dict(client["data"])
                 resumed_from = trainer.global_step
+    if is_main:
+        dropped = truncate_metrics(out / "metrics.csv", trainer.global_step)
+        if dropped:
+            print(f"[resume] metrics.csv: {dropped} rows after step {trainer.global_step} "
+                  "dropped (those steps are re-done)", flush=True)  # fmt: skip
     policy = CheckpointPolicy(
         max_steps=run.train.max_steps,
         save_every=run.output.save_every,
@@ -234,6 +288,8 @@ def train(
         stop_after=stop_after,
     )
     acc = MetricsAccumulator(device=trainer.device)
+    streak = NonFiniteStreak(run.train.nonfinite, run.train.nonfinite_patience,
+                             int(trainer.engine.skipped_steps))  # fmt: skip
     bar = tqdm(total=policy.max_steps, initial=trainer.global_step, disable=not is_main,
                desc="train", dynamic_ncols=True)  # fmt: skip
     if is_main and resumed_from is not None:
@@ -244,24 +300,32 @@ def train(
         done_this_run = 0
         steps = step_batches(loader, run.train.grad_accum)
         while trainer.global_step < policy.max_steps:
-            last = acc.step(trainer.train_step(next(steps)))
+            batches = next(steps)
+            with collective_phase(f"optimizer step {trainer.global_step + 1}"):
+                result = trainer.train_step(batches)
+                last = acc.step(result)
+                stop_requested = handler.any_rank_should_stop()
             step = trainer.global_step
             done_this_run += 1
+            last["skipped_steps"] = streak.update(step, result.nonfinite)
             if step % run.output.log_every == 0 or step == policy.max_steps:
                 metrics.log(step, last)
+            streak.check(step, ckpt_dir)
             bar.update(1)
             bar.set_postfix(acc.postfix(last))
-            decision = policy.decide(step, done_this_run, handler.any_rank_should_stop())
+            decision = policy.decide(step, done_this_run, stop_requested)
             if decision.save:
-                trainer.save(ckpt_dir, {"data": loader.state_dict(), "step": step})
+                with collective_phase(f"checkpoint save at step {step}"):
+                    trainer.save(ckpt_dir, {"data": loader.state_dict(), "step": step})
                 if is_main:
                     policy.prune(ckpt_dir)
             if decision.stop:
                 preempted = decision.preempted
                 break
-        if not preempted:
-            trainer.export_adapter(out / "adapter")
-        dist.barrier()
+        with collective_phase("adapter export"):
+            if not preempted:
+                trainer.export_adapter(out / "adapter")
+            dist.barrier(group=rank0_group())
     finally:
         bar.close()
         metrics.close()

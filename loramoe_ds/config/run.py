@@ -43,6 +43,8 @@ AUTO = "auto"
 LOSS_REDUCTIONS = ("token_mean", "micro_batch_mean")
 """Valid values of ``train.loss_reduction`` (:mod:`loramoe_ds.parallel.token_mean`)."""
 TINY_ARCHS = ("llama", "qwen2", "mistral")
+NONFINITE = ("stop", "skip")
+"""Valid values of ``train.nonfinite`` (:mod:`loramoe_ds.parallel.nonfinite`)."""
 
 
 ATTN_IMPLEMENTATIONS = ("default", "sdpa", "eager", "flash_attention_2")
@@ -63,6 +65,11 @@ class ModelConfig:
     tiny_hidden: int = 64
     """Hidden size of a ``tiny-*`` model."""
 
+    trust_remote_code: bool = False
+    """Let transformers run the Python files of a model directory (``auto_map``) when
+    reading its config and tokenizer. Off: a directory that needs its own code is
+    refused; turn on only for a model whose code you trust."""
+
     attn_implementation: str = "default"
     """transformers' attention kernel: ``default`` (transformers' choice: SDPA
     where the architecture supports it, else eager), ``sdpa``, ``eager``, or
@@ -73,6 +80,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(
+                f"model.trust_remote_code={self.trust_remote_code!r}: must be true or false"
+            )
         if not self.name:
             raise ValueError("model.name='': empty; use 'smollm2', 'tiny-llama' or a model dir")
         if self.name.startswith("tiny-") and self.name[5:] not in TINY_ARCHS:
@@ -140,8 +151,22 @@ class TrainConfig:
     """Recompute each decoder layer's activations in backward (non-reentrant
     checkpoint per layer): less activation memory, about one more forward."""
 
+    nonfinite: str = "stop"
+    """A step whose loss, an aux loss or the gradient norm is not finite on any rank
+    is dropped on every rank together (no update; Adam state and LR schedule
+    untouched; counted in the ``skipped_steps`` column). ``skip``: always so;
+    ``stop``: the ``nonfinite_patience``-th such step in a row ends the run (exit 65)
+    with the last good checkpoint kept, naming the step and the term that went
+    non-finite first."""
+
+    nonfinite_patience: int = 3
+    """``nonfinite: stop``: non-finite steps in a row that end the run (1: the first)."""
+
     def __post_init__(self) -> None:
         check_choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        check_choice("train.nonfinite", self.nonfinite, NONFINITE)
+        if self.nonfinite_patience < 1:
+            raise ValueError(f"train.nonfinite_patience={self.nonfinite_patience}: must be >= 1")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(
                 f"train.activation_checkpointing={self.activation_checkpointing!r}: must be "
@@ -183,6 +208,15 @@ class ParallelConfig:
     memory; 80 for a cluster dry run with ``--gpus-per-node``; else host RAM per
     local rank)."""
 
+    timeout_s: float = 1800.0
+    """Seconds any collective of a step or checkpoint waits for a peer before every
+    rank gives up (exit 76, naming the phase): a dead or silent rank ends the job
+    within this time."""
+
+    rank0_timeout_s: float = 7200.0
+    """Seconds the other ranks wait for work only rank 0 does (tokenising the
+    dataset, building the data cache, writing checkpoints), on a gloo side group."""
+
     def __post_init__(self) -> None:
         if self.ep_size != AUTO and (
             isinstance(self.ep_size, str) or isinstance(self.ep_size, bool) or self.ep_size < 1
@@ -194,6 +228,9 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel.memory_budget_gb={self.memory_budget_gb}: must be > 0 (GiB per rank)"
             )
+        for name in ("timeout_s", "rank0_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"parallel.{name}={getattr(self, name)}: must be > 0 seconds")
 
 
 REPORT_TO = ("csv", "tensorboard", "wandb", "mlflow")

@@ -343,8 +343,9 @@ def load_model(
                 tok_dir = Path(base_name)
         if tok_dir is None:
             raise ValueError(f"{model_dir} has no tokenizer files; pass --tokenizer DIR|smollm2")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    # A model directory's own Python files never run here (trust_remote_code off).
+    tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
+    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
     net: nn.Module = load_adapter(lm, adapter) if adapter is not None else lm
     net.to(device)
     net.eval()

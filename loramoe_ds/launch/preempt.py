@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
-REQUEUE_EXIT_CODE = 75
+from loramoe_ds.launch.exit_codes import PREEMPTED
+
+REQUEUE_EXIT_CODE = PREEMPTED
 """Exit status meaning "checkpointed after a preemption signal, please requeue"
 (``EX_TEMPFAIL`` from sysexits.h). ``slurm/train.sbatch`` requeues the job when the
 step ends with it; keep the two in sync (a test checks)."""

@@ -123,7 +123,7 @@ from loramoe_ds.model.experts import ExpertBank
 from loramoe_ds.model.inject import inject
 from loramoe_ds.model.lm import LoRAMoEModel
 from loramoe_ds.parallel import checkpoint as ckpt
-from loramoe_ds.parallel import zero_state
+from loramoe_ds.parallel import nonfinite, zero_state
 from loramoe_ds.parallel.dispatch import CommStats
 from loramoe_ds.parallel.expert_optimizer import ExpertOptimizer
 from loramoe_ds.parallel.groups import (
@@ -161,7 +161,9 @@ class StepResult:
         label_tokens: ``N_step``, labelled tokens of the step over all ranks and
             micro-batches.
         lr: The learning rate of this update.
-        grad_norm: Gradient norm before clipping (``None`` if unknown).
+        grad_norm: Gradient norm before clipping (``None`` if unknown or dropped).
+        nonfinite: The first non-finite term on any rank when the step was dropped
+            without an update (:mod:`loramoe_ds.parallel.nonfinite`), else ``None``.
     """
 
     outputs: list[Any]
@@ -169,6 +171,7 @@ class StepResult:
     label_tokens: int
     lr: float
     grad_norm: float | None
+    nonfinite: str | None = None
 
 
 class _Phase(enum.Enum):
@@ -382,7 +385,9 @@ class MoETrainer:
         Forward/backward of every micro-batch (the LM loss per ``loss_reduction``),
         one gradient synchronisation, ``grad_hook(self)`` if given (it may call
         :meth:`full_adapter_grads`: the synchronised, not yet clipped gradients),
-        joint clipping, both optimizers and the LR schedule.
+        joint clipping, both optimizers and the LR schedule. A step with a
+        non-finite loss or gradient on any rank is dropped on every rank instead
+        (:mod:`loramoe_ds.parallel.nonfinite`; ``StepResult.nonfinite`` names the term).
 
         Args:
             micro_batches: Exactly ``gradient_accumulation_steps`` micro-batches.
@@ -405,10 +410,16 @@ class MoETrainer:
             if grad_hook is not None:
                 grad_hook(self)
             lr = self.lr
-            norm = self._optimizer_step()
+            bad = nonfinite.first_nonfinite(self, outputs)  # agreed on every rank
+            if bad is None:
+                norm = self._optimizer_step()
+            else:  # dropped on every rank: no update, Adam state and LR schedule untouched
+                self._require(_Phase.SYNCED, "dropping a non-finite step")
+                nonfinite.drop_update(self)
+                self._phase, norm = _Phase.IDLE, None
         finally:
             self._in_step = False
-        return StepResult(outputs, list(micro_batches), n_step, lr, norm)
+        return StepResult(outputs, list(micro_batches), n_step, lr, norm, bad)
 
     def _require(self, phase: _Phase, what: str) -> None:
         if self._phase is not phase:

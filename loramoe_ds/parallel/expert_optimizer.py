@@ -134,3 +134,8 @@ class ExpertOptimizer:
         self.adamw.step()
         self.adamw.zero_grad(set_to_none=True)
         self._flat = None
+
+    def drop(self) -> None:
+        """End the step without an update: discard its gradients (a dropped non-finite step)."""
+        self.adamw.zero_grad(set_to_none=True)
+        self._flat = None

@@ -20,15 +20,34 @@ DeepSpeed's private ``groups`` module, so that DeepSpeed's engine never mistakes
 this run for a native ``deepspeed.moe`` run (which ZeRO-3 refuses).
 :func:`validate_ep` checks the user's numbers *before* any process-group work;
 :func:`init_process_group` is the one place the default process group starts.
+
+Timeouts (no hang): every collective of the default and EP/EDP groups gives up
+after ``parallel.timeout_s``, so a dead or silent peer makes the other ranks
+fail within a bounded time instead of the machine's default. Work that only
+rank 0 does while the others wait -- tokenising the dataset, building the data
+cache, writing and verifying checkpoints -- may take far longer than one step's
+collective: those waits run on :func:`rank0_group`, a gloo side group with
+``parallel.rank0_timeout_s`` (gloo also keeps the waiting ranks off the NCCL
+watchdog).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from loramoe_ds.placement import layer_placements
+
+DEFAULT_TIMEOUT_S = 1800
+"""``parallel.timeout_s``: seconds a collective of a step or checkpoint waits for a peer."""
+DEFAULT_RANK0_TIMEOUT_S = 7200
+"""``parallel.rank0_timeout_s``: seconds the other ranks wait for rank-0-only work."""
+
+_timeouts = {"timeout_s": DEFAULT_TIMEOUT_S, "rank0_timeout_s": DEFAULT_RANK0_TIMEOUT_S}
+_rank0_group: dict[str, Any] = {}
+"""``{"world": default group, "group": side group}``: rebuilt when the default group changes."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -119,16 +138,23 @@ class ExpertGroups:
         return self.world_size // self.ep_size
 
 
-def init_process_group() -> None:
-    """Start the default process group from the launcher's environment (collective).
+def init_process_group(
+    timeout_s: float | None = None, rank0_timeout_s: float | None = None
+) -> None:
+    """Start the default process group and the rank-0 side group (collective).
 
     The one place the process group is initialised (``deepspeed.init_distributed``,
     which reads ``RANK``/``WORLD_SIZE``/``MASTER_*`` as mapped by
-    :mod:`loramoe_ds.launch.dist_env`). A no-op when the group already exists:
-    :func:`loramoe_ds.run.prepare_data` starts it for several ranks before the
-    data is read, :func:`loramoe_ds.run.train` and
+    :mod:`loramoe_ds.launch.dist_env`), with ``timeout_s`` on every collective
+    (DeepSpeed's own default would be ``DEEPSPEED_TIMEOUT``, 10 minutes). A no-op
+    when the group already exists: :func:`loramoe_ds.run.prepare_data` starts it
+    for several ranks before the data is read, :func:`loramoe_ds.run.train` and
     :meth:`~loramoe_ds.parallel.engine.MoETrainer.build` reuse it (or start it
     when they are the first).
+
+    Args:
+        timeout_s: ``parallel.timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`).
+        rank0_timeout_s: ``parallel.rank0_timeout_s`` of :func:`rank0_group`.
     """
     import torch.distributed as dist
 
@@ -136,8 +162,37 @@ def init_process_group() -> None:
         return
     import deepspeed
 
+    if timeout_s is not None:
+        _timeouts["timeout_s"] = timeout_s
+    if rank0_timeout_s is not None:
+        _timeouts["rank0_timeout_s"] = rank0_timeout_s
     bind_cuda_device()
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=_timeouts["timeout_s"]))
+    rank0_group()
+
+
+def rank0_group() -> Any:
+    """The gloo side group (all ranks) on which ranks wait for rank-0-only work.
+
+    Created by :func:`init_process_group` with ``parallel.rank0_timeout_s``; created
+    here (collectively, on first use) when a test started the default group itself.
+    ``None`` without a process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if _rank0_group.get("world") is not dist.group.WORLD:
+        _rank0_group["group"] = dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=_timeouts["rank0_timeout_s"])
+        )
+        _rank0_group["world"] = dist.group.WORLD
+    return _rank0_group["group"]
+
+
+def collective_timeout() -> timedelta:
+    """``parallel.timeout_s`` of this process (the default and EP/EDP groups)."""
+    return timedelta(seconds=_timeouts["timeout_s"])
 
 
 def bind_cuda_device() -> int | None:
@@ -184,11 +239,11 @@ def create_expert_groups(ep_size: int) -> ExpertGroups:
     ep_groups, edp_groups = ep_layout(world, ep_size)
     my_ep = my_edp = None
     for ranks in ep_groups:  # same order on every rank
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=collective_timeout())
         if rank in ranks:
             my_ep, ep_ranks = g, ranks
     for ranks in edp_groups:
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=collective_timeout())
         if rank in ranks:
             my_edp, edp_ranks = g, ranks
     return ExpertGroups(ep_size, world, rank, my_ep, my_edp, ep_ranks, edp_ranks)

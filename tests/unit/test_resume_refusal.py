@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from loramoe_ds.config import load_run_config
-from loramoe_ds.parallel.checkpoint import CHECKPOINT_FORMAT, META, base_identity, check_compatible
+from loramoe_ds.parallel.checkpoint import (
+    CHECKPOINT_FORMAT,
+    MANIFEST,
+    META,
+    base_identity,
+    check_compatible,
+    file_manifest,
+)
 from loramoe_ds.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +47,8 @@ def ckpt(tmp_path) -> Path:
     }
     root = tmp_path / "checkpoints"
     (root / "global_step4").mkdir(parents=True)
+    (root / "global_step4" / "adapter_config.json").write_text("{}")
+    meta[MANIFEST] = file_manifest(root / "global_step4")
     (root / "global_step4" / META).write_text(json.dumps(meta))
     (root / "latest").write_text("global_step4")
     return root
@@ -82,7 +91,8 @@ def test_refused_before_any_process_group(ckpt, tmp_path, world, overrides, mess
 
 def test_unknown_format_and_missing_directory(ckpt, tmp_path):
     meta = json.loads((ckpt / "global_step4" / META).read_text())
-    with pytest.raises(ValueError, match="checkpoint format 1, this version reads 2"):
+    want = f"checkpoint format 1, this version reads {CHECKPOINT_FORMAT}"
+    with pytest.raises(ValueError, match=want):
         check_compatible({**meta, "format": 1}, meta, "x")
     with pytest.raises(ValueError, match="no such checkpoint directory"):
         _plan(tmp_path, 2, resume=str(tmp_path / "nope"))

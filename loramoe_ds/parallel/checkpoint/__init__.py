@@ -15,9 +15,11 @@ W and ``ep_size`` P, written once by rank 0 (``io.atomic_dir``)::
                                        #   {"step": {name: int}, "exp_avg": {name: T},
                                        #    "exp_avg_sq": {name: T}}  (None before the 1st step)
         trainer_state.pt               # engine counters, LR schedule + LR, client state
-                                       #   (data position), RNG of every rank
+                                       #   (data position), RNG of every rank (its own
+                                       #   CUDA device only): plain data, weights_only
         loramoe_meta.json              # format, topology, global batch, allocation,
-                                       #   adapter config, base-model identity
+                                       #   adapter config, base-model identity, and
+                                       #   "files": size + sha256 of every other file
 
 Names are those of :meth:`LoRAMoEModel.adapter_named_parameters` of the unsharded
 model (``<linear>.router.weight``, ``<linear>.experts.lora_A`` ``E x R x D``,
@@ -43,6 +45,11 @@ model, the global batch. :func:`check_compatible` refuses
 those naming both topologies; ``make_plan`` runs it before any heavy work.
 Dropout RNG streams are per rank: they are restored at the same world size only.
 
+Integrity: rank 0 verifies the manifest before a resume; a damaged newest
+checkpoint is skipped (one line naming the file) for the newest intact one
+(:func:`intact_tag`). ``.pt`` files load with ``weights_only=True``; one that
+would need code is refused (:class:`CheckpointRefusedError`).
+
 Atomicity: rank 0 writes everything into a temporary sibling directory and
 renames it to ``global_step{N}`` (:func:`loramoe_ds.io.atomic_dir`), then
 replaces ``latest``. A crash before the rename leaves ``latest`` and its tag
@@ -54,44 +61,62 @@ from loramoe_ds.parallel.checkpoint.format import (
     BASE_IDENTITY_KEYS,
     CHECKPOINT_FORMAT,
     LATEST,
+    MANIFEST,
     META,
     OPTIMIZER,
     TAG_PREFIX,
     TRAINER_STATE,
+    CheckpointDamagedError,
     base_identity,
     check_compatible,
     check_resume,
     checkpoint_tags,
+    file_manifest,
+    intact_tag,
     latest_tag,
     prune_checkpoints,
     read_meta,
     tag_name,
+    verify_tag,
 )
 from loramoe_ds.parallel.checkpoint.state import (
     full_adapter_state,
     full_optimizer_state,
 )
-from loramoe_ds.parallel.checkpoint.store import export_adapter, load_checkpoint, save_checkpoint
+from loramoe_ds.parallel.checkpoint.store import (
+    CheckpointRefusedError,
+    CheckpointSaveError,
+    export_adapter,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "BASE_IDENTITY_KEYS",
     "CHECKPOINT_FORMAT",
     "LATEST",
+    "MANIFEST",
     "META",
     "OPTIMIZER",
     "TAG_PREFIX",
     "TRAINER_STATE",
+    "CheckpointDamagedError",
+    "CheckpointRefusedError",
+    "CheckpointSaveError",
     "base_identity",
     "check_compatible",
     "check_resume",
     "checkpoint_tags",
     "export_adapter",
+    "file_manifest",
     "full_adapter_state",
     "full_optimizer_state",
+    "intact_tag",
     "latest_tag",
     "load_checkpoint",
     "prune_checkpoints",
     "read_meta",
     "save_checkpoint",
     "tag_name",
+    "verify_tag",
 ]

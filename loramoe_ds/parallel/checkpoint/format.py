@@ -6,6 +6,7 @@ see :mod:`loramoe_ds.parallel.checkpoint`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,8 +17,11 @@ META = "loramoe_meta.json"
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.pt"
 TAG_PREFIX = "global_step"
-CHECKPOINT_FORMAT = 2
-"""Version 2: full, topology-independent state (1 was DeepSpeed's per-rank files)."""
+CHECKPOINT_FORMAT = 3
+"""Version 3: full, topology-independent state with a manifest of every file's size and
+sha256 in ``loramoe_meta.json`` (2 had no manifest; 1 was DeepSpeed's per-rank files)."""
+MANIFEST = "files"
+"""Key of ``loramoe_meta.json`` mapping each other file of the tag to ``{"size", "sha256"}``."""
 BASE_IDENTITY_KEYS = (
     "model_type",
     "vocab_size",
@@ -133,15 +137,128 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def check_resume(directory: str | Path, now: dict, tag: str | None = None) -> dict | None:
-    """:func:`check_compatible` on ``<directory>/<tag or latest>`` (reads JSON only).
+    """:func:`check_compatible` on ``<directory>/<tag>`` or the newest checkpoint whose files
+    have the sizes of its manifest (reads JSON and file sizes only; the checksums are
+    verified when the checkpoint is loaded).
 
     Returns:
         The checkpoint's meta, or ``None`` when there is nothing to resume.
     """
     root = Path(directory)
-    tag = tag or latest_tag(root)
+    tag = intact_tag(root, tag, checksums=False)
     if tag is None:
         return None
     meta = read_meta(root / tag)
     check_compatible(meta, now, root / tag)
     return meta
+
+
+class CheckpointDamagedError(ValueError):
+    """No intact checkpoint to resume from (or the one named is damaged). One line."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in chunks)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_manifest(tag_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"size": bytes, "sha256": hex}}`` of every file in ``tag_dir`` but the meta."""
+    d = Path(tag_dir)
+    return {
+        f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
+        for f in sorted(d.iterdir())
+        if f.is_file() and f.name != META
+    }
+
+
+def verify_tag(tag_dir: str | Path, checksums: bool = True) -> str | None:
+    """Check a tag against its manifest: ``None`` when intact, else what is wrong, naming the file.
+
+    A checkpoint of another format is reported intact here (its meta is readable);
+    :func:`check_compatible` refuses it with a clearer message.
+
+    Args:
+        tag_dir: ``<dir>/global_step{N}``.
+        checksums: Also hash every file (``False``: sizes only, cheap).
+    """
+    d = Path(tag_dir)
+    try:
+        meta = json.loads((d / META).read_text())
+    except (OSError, ValueError) as e:
+        return f"{d / META} is unreadable ({type(e).__name__})"
+    if not isinstance(meta, dict):
+        return f"{d / META} is not a JSON object"
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        return None
+    files = meta.get(MANIFEST)
+    if not isinstance(files, dict) or not files:
+        return f"{d / META} has no file manifest"
+    for name, want in files.items():
+        f = d / name
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != want.get("size"):
+            return f"{f} has {size} bytes, the manifest {want.get('size')}"
+        if checksums and file_sha256(f) != want.get("sha256"):
+            return f"{f} has a sha256 other than the manifest's"
+    return None
+
+
+def _step_of(tag: str) -> int:
+    return int("".join(c for c in tag if c.isdigit()) or 0)
+
+
+def intact_tag(
+    directory: str | Path, tag: str | None = None, checksums: bool = True, report=None
+) -> str | None:
+    """The tag to resume from: ``tag`` if given, else the newest intact one up to ``latest``.
+
+    A damaged newest checkpoint (a file missing, of the wrong size or checksum,
+    an unreadable meta) is skipped and the next older one tried; ``report`` (e.g.
+    ``print``) gets one line naming the damaged file and the tag used instead.
+
+    Args:
+        directory: Checkpoint root.
+        tag: A tag the user named: it must be intact (no fallback).
+        checksums: Hash the files (``False``: sizes only).
+        report: Called with one line per skipped checkpoint.
+
+    Returns:
+        The tag, or ``None`` when there is nothing to resume (no ``latest``).
+
+    Raises:
+        CheckpointDamagedError: The named tag is damaged, or no checkpoint up to
+            ``latest`` is intact.
+    """
+    root = Path(directory)
+    if tag is not None:
+        problem = verify_tag(root / tag, checksums)
+        if problem is not None:
+            raise CheckpointDamagedError(f"checkpoint {root / tag} is damaged: {problem}")
+        return tag
+    newest = latest_tag(root)
+    if newest is None:
+        return None
+    names = [p.name for p in checkpoint_tags(root) if _step_of(p.name) <= _step_of(newest)]
+    if newest not in names:
+        names.append(newest)
+    damaged: list[str] = []
+    for name in sorted(names, key=_step_of, reverse=True):
+        problem = (
+            verify_tag(root / name, checksums)
+            if (root / name).is_dir()
+            else (f"{root / name} is missing")
+        )
+        if problem is None:
+            if report is not None:
+                for what in damaged:
+                    report(f"[checkpoint] skipping damaged checkpoint: {what}; using {root / name}")
+            return name
+        damaged.append(problem)
+    raise CheckpointDamagedError(
+        f"no intact checkpoint in {root} (newest problem: {damaged[0]}); remove the directory "
+        "or pass --resume none to start afresh"
+    )
