@@ -165,7 +165,8 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[tuple[str, ModuleShape
 
     Under activation checkpointing (DeepSpeed 0.19.8
     ``PartitionedParameterCoordinator``): the recompute is triggered by the
-    layer's last module (in forward order) starting its backward, and every
+    first module of the layer to start its backward (the last adapted linear's
+    bank when it is replicated, else the layer's last base module), and every
     frozen parameter fetched during the recompute is attributed to that module
     (``ds_recompute_parameters``) and released when its backward ends (the
     ``drop``), whatever the reuse distance; the layer's other base modules then
@@ -199,11 +200,11 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[tuple[str, ModuleShape
             out += [("bwd", m, layer) for m in back]
             continue
         out += [("recompute", m, layer) for m in in_layer]
-        # the last module's group (its bank and base, in reverse) ends, then the drop
-        first_base = next((i for i, m in enumerate(back) if m.kind == "base"), len(back) - 1)
-        out += [("bwd", m, layer) for m in back[: first_base + 1]]
+        # the module whose backward starts first (a replicated bank, else the base)
+        # triggers the recompute; its backward ends, then the drop
+        out += [("bwd", m, layer) for m in back[:1]]
         out.append(("drop", None, layer))
-        out += [("bwd", m, layer) for m in back[first_base + 1 :]]
+        out += [("bwd", m, layer) for m in back[1:]]
     if ckpt and embed is not None:
         out.append(("bwd", embed, -1))
     return out

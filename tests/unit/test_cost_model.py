@@ -74,13 +74,15 @@ def test_topk_rows_and_zero3_terms_match_hand_formulas():
 
 def test_zero3_recompute_releases_the_layer_after_its_last_module():
     """Checkpointing: DeepSpeed releases a layer's recomputed frozen weights after the
-    backward of the layer's last module, so its other base modules gather theirs again.
+    backward of the module that starts the layer's backward (a replicated bank, else the
+    last base module), so the layer's other base modules gather theirs again.
 
     Reference by hand (DeepSpeed 0.19.8 ``ds_recompute_parameters``; measured on the
     tiny model by bench/plan_check.py): with a reuse distance longer than the whole
     step nothing else is released before the micro-batch ends, so one micro-batch
     gathers every parameter once in forward, plus, per layer, every base module but
-    the last one again in backward.
+    the last one again in backward (every one when the bank is replicated). Measured
+    by tests/distributed/test_plan_check.py.
     """
     base_n = (1000, 2000, 3000)
     s = _shapes([4, 4], base_n=base_n)
@@ -92,6 +94,12 @@ def test_zero3_recompute_releases_the_layer_after_its_last_module():
     off = cm.zero3_gathered_elements(s, _w(s, 8, W, W, reuse=long))
     assert off == everything
     assert on == everything + 2 * (1000 + 2000)
+    # a replicated bank starts its backward before the base: the whole layer's base again
+    rep = dict(place=[cm.REPLICATED] * 2, reuse=long)
+    banks = 2 * 2 * 4 * 8 * 512
+    on = cm.zero3_gathered_elements(s, _w(s, 8, W, W, activation_checkpointing=True, **rep))
+    assert cm.zero3_gathered_elements(s, _w(s, 8, W, W, **rep)) == everything + banks
+    assert on == everything + banks + 2 * (1000 + 2000 + 3000)
     # the peak held at once: the whole engine model after forward
     assert cm.zero3_schedule(s, _w(s, 8, W, W, reuse=long))[2] == everything
 
