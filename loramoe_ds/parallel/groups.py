@@ -33,9 +33,11 @@ watchdog).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from loramoe_ds.placement import layer_placements
@@ -168,7 +170,32 @@ def init_process_group(
         _timeouts["rank0_timeout_s"] = rank0_timeout_s
     bind_cuda_device()
     deepspeed.init_distributed(timeout=timedelta(seconds=_timeouts["timeout_s"]))
-    rank0_group()
+    dist.barrier(group=rank0_group())
+    release_shm_buffer()
+
+
+def shm_buffer_path() -> Path:
+    """This rank's file of DeepSpeed's CPU shared-memory all-reduce (``deepspeed_shm_comm``).
+
+    The op (built when every rank is on one host, ``LOCAL_SIZE == WORLD_SIZE``)
+    names it ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    rank = os.environ.get("RANK", "0")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's shared-memory all-reduce file once every rank has mapped it.
+
+    DeepSpeed creates one 69 MB file per rank in ``/dev/shm`` and never removes it,
+    so every CPU run (and every killed rank) left its files behind until the
+    memory ran out. ``init_distributed`` returns after each rank has opened the
+    others' files and the barrier before this call waits for all of them: the
+    mappings stay valid after the unlink, and the kernel frees the memory when
+    the last process using it exits, however it exits.
+    """
+    shm_buffer_path().unlink(missing_ok=True)
 
 
 def rank0_group() -> Any:
