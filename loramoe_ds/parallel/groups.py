@@ -170,8 +170,10 @@ def init_process_group(
         _timeouts["rank0_timeout_s"] = rank0_timeout_s
     bind_cuda_device()
     deepspeed.init_distributed(timeout=timedelta(seconds=_timeouts["timeout_s"]))
-    dist.barrier(group=rank0_group())
-    release_shm_buffer()
+    side = rank0_group()
+    if side is not None:
+        dist.barrier(group=side)
+        release_shm_buffer()
 
 
 def shm_buffer_path() -> Path:
