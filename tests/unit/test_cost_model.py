@@ -7,14 +7,17 @@ formulas (docs/benchmarks.md's crossover), the auto rules and their config.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
+import test_dry_run
 
 from loramoe_ds import cost_model as cm
 from loramoe_ds.config import load_run_config
+
+# The dry-run tests below use test_dry_run's fixtures: its launcher module and a clean environment.
+launcher = test_dry_run.launcher
+_no_launcher_env = test_dry_run._no_launcher_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,24 +168,6 @@ def test_auto_values_parse_and_bad_values_are_one_line():
         load_run_config(None, ["parallel.ep_size=four"])
     with pytest.raises(ValueError, match=r"parallel.memory_budget_gb=-1.0: must be > 0"):
         load_run_config(None, ["parallel.memory_budget_gb=-1"])
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    spec = importlib.util.spec_from_file_location("train_launcher", ROOT / "launcher" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def _no_launcher_env(monkeypatch):
-    saved = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_dry_run_auto_prints_choice_and_every_option(launcher, capsys):
