@@ -220,6 +220,39 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def record_hooks(counter: CollectiveCounter, out: list) -> None:
+    """Log ZeRO-3's module hooks while ``counter`` is active (``PLAN_CHECK_HOOKS=1``).
+
+    Each fetch and release of DeepSpeed's ``PartitionedParameterCoordinator`` as
+    ``[kind, phase, module id, parameter sizes]``: kind ``F`` (fetch) or ``R``
+    (release), phase ``fwd``, ``recompute`` (activation checkpointing's forward in
+    backward) or ``bwd``. :func:`loramoe_ds.cost_model.zero3_trace` writes the same
+    trace from shapes; tests/distributed/test_plan_check.py compares the two.
+    """
+    import torch
+    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+
+    coord = ppc.PartitionedParameterCoordinator
+    fetch, release = coord.fetch_sub_module, coord.release_sub_module
+
+    def sizes(m) -> list[int]:
+        return sorted(p.ds_numel for p in ppc.iter_params(m, recurse=ppc.z3_leaf_module(m)))
+
+    def logged_fetch(self, m, forward):
+        if counter.active:
+            recompute = forward and torch._C._current_graph_task_id() != -1
+            phase = ("recompute" if recompute else "fwd") if forward else "bwd"
+            out.append(["F", phase, m.ds_id, sizes(m)])
+        return fetch(self, m, forward)
+
+    def logged_release(self, m, forward=False):
+        if counter.active:
+            out.append(["R", "fwd" if forward else "bwd", m.ds_id, []])
+        return release(self, m, forward)
+
+    coord.fetch_sub_module, coord.release_sub_module = logged_fetch, logged_release
+
+
 def worker(args) -> None:
     """One rank: the real run with the collectives counted (module docstring)."""
     counter = CollectiveCounter().install()
@@ -235,6 +268,8 @@ def worker(args) -> None:
     run = load_run_config(args.config, args.overrides)
     plan = make_plan(run, load_ds_config(args.deepspeed), world, rank)
     rec = {"rank": rank, "world": world, "micro_shapes": [], "resident": None, "peak": []}
+    if os.environ.get("PLAN_CHECK_HOOKS"):
+        record_hooks(counter, rec.setdefault("hooks", []))
     orig_step, orig_metrics = engine.MoETrainer.train_step, step_metrics.MetricsAccumulator.step
 
     seen = [0]

@@ -114,6 +114,7 @@ def model_shapes(model, hf_cfg) -> cm.ModelShapes:
         bwd.append(_runs_backward(name, p is embed, i0, first))
     lin_index = {m.name: i for i, m in enumerate(layers)}
     mods = []
+    embed_module = model.base.get_input_embeddings()
     for order, (name, mod) in enumerate(model.base.named_modules()):
         own = list(mod.parameters(recurse=False))
         if not own:
@@ -122,17 +123,15 @@ def model_shapes(model, hf_cfg) -> cm.ModelShapes:
         parent = name.rsplit(".", 1)[0]
         mt = _LAYER.search(f".{name}.")
         layer = int(mt.group(1)) if mt else -1
-        sub = {"base": 0, "router": 1, "bank": 2}[kind]
-        if name.endswith(".base"):
-            parent = name[: -len(".base")]
-        key = (layer if layer >= 0 else (-1 if own[0] is embed else 10**9),
-               _stage(name), sub, order)  # fmt: skip
+        # forward order: by layer, stage, then as registered (a wrapper's base, router, bank)
+        key = (layer if layer >= 0 else (-1 if mod is embed_module else 10**9), _stage(name), order)
         mods.append((key, cm.ModuleShape(
             params=tuple((id(q), q.numel()) for q in own),
             layer=layer,
             kind=kind,
             linear=lin_index.get(parent, -1) if kind != "base" else -1,
             backward=kind != "base" or _runs_backward(name, own[0] is embed, i0, first),
+            name=name,
         )))  # fmt: skip
     modules = tuple(m for _, m in sorted(mods, key=lambda km: km[0]))
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
@@ -170,9 +169,12 @@ def workload(
     ``tokens`` defaults to ``micro_batch_size x data.max_length`` (the padded
     worst case; packed rows are exactly that long); ``label_tokens`` to half of it.
     """
+    from loramoe_ds.model.moe_linear import SPARSE_DROPOUT_MAX_P
     from loramoe_ds.train_loop.step_metrics import STEP_METRICS
 
     t, a = run.train, run.adapter
+    aux = bool(a.lbc_beta or a.load_balance_coef or a.z_loss_coef or a.router_supervision_coef)
+    cpu = os.environ.get("DS_ACCELERATOR") == "cpu"  # gloo ranks (loramoe_ds/plan.py)
     zero = ds.get("zero_optimization", {})
     T = tokens if tokens is not None else t.micro_batch_size * run.data.max_length
     b = 2 if t.precision == "bf16" else 4
@@ -200,6 +202,10 @@ def workload(
         max_live=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
         dropout=a.dropout > 0,
+        router_outputs=(3 if aux else 1)
+        + (1 if cpu and 0 < a.dropout <= SPARSE_DROPOUT_MAX_P else 0),
+        aux_losses=aux,
+        gather_copy=cpu,
     )
 
 

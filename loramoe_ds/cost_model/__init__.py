@@ -24,15 +24,7 @@ The package, one concept per module:
 from __future__ import annotations
 
 from loramoe_ds.cost_model.choose import choose_placements, choose_zero_stage, layer_bytes
-from loramoe_ds.cost_model.collectives import (
-    COLLECTIVES,
-    collective_bytes,
-    wire_bytes,
-    zero3_gathered_elements,
-    zero3_live_peak,
-    zero3_schedule,
-    zero3_trace,
-)
+from loramoe_ds.cost_model.collectives import COLLECTIVES, collective_bytes, wire_bytes
 from loramoe_ds.cost_model.memory import activations, memory
 from loramoe_ds.cost_model.step_time import flops, step_seconds
 from loramoe_ds.cost_model.workload import (
@@ -45,6 +37,13 @@ from loramoe_ds.cost_model.workload import (
     gib,
     human_bytes,
     split_linears,
+)
+from loramoe_ds.cost_model.zero3 import (
+    coordinate,
+    zero3_gathered_elements,
+    zero3_live_peak,
+    zero3_schedule,
+    zero3_trace,
 )
 from loramoe_ds.placement import REPLICATED, SHARDED
 
@@ -88,6 +87,7 @@ __all__ = [
     "split_linears",
     "step_seconds",
     "wire_bytes",
+    "coordinate",
     "zero3_gathered_elements",
     "zero3_live_peak",
     "zero3_schedule",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from loramoe_ds.cost_model.collectives import zero3_live_peak
 from loramoe_ds.cost_model.workload import LinearShape, ModelShapes, Workload, pad
+from loramoe_ds.cost_model.zero3 import zero3_live_peak
 
 
 def memory(

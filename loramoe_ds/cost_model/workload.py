@@ -67,6 +67,9 @@ class ModuleShape:
             banks), else -1.
         backward: Whether it runs in backward (base modules: some trainable tensor
             upstream; routers and banks always).
+        name: Its dotted name in the base model (``model.layers.3.mlp.gate_proj.base``):
+            the modules enclosing it, whose hooks ZeRO-3 runs too
+            (:func:`~loramoe_ds.cost_model.zero3.zero3_trace`).
     """
 
     params: tuple[tuple[int, int], ...]
@@ -74,6 +77,7 @@ class ModuleShape:
     kind: str
     linear: int = -1
     backward: bool = True
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,16 @@ class Workload:
             the prefetcher fills up to.
         prefetch_bucket: ZeRO-3 ``stage3_prefetch_bucket_size`` (0: no prefetch).
         dropout: Whether the expert input dropout is on (one more saved copy of x).
+        router_outputs: Tensors of a router's output that get a gradient: ZeRO-3
+            runs the router's backward pre-hook once for each (logits,
+            probabilities and gates with an auxiliary loss on, the gates alone
+            without; plus the dropped-out input under the CPU's sparse dropout).
+        aux_losses: Whether a router auxiliary loss is on: the wrapper model's
+            forward then reads every router weight, and ZeRO-3 holds them as its
+            external parameters (gathered at its forward and backward).
+        gather_copy: Whether the process group all-gathers through a temporary of
+            the output's size (gloo, measured: docs/benchmarks.md): each all-gather
+            holds its output twice while it runs.
     """
 
     tokens: int
@@ -181,6 +195,9 @@ class Workload:
     max_live: int = 1_000_000_000
     prefetch_bucket: int = 50_000_000
     dropout: bool = False
+    router_outputs: int = 3
+    aux_losses: bool = True
+    gather_copy: bool = False
 
 
 @dataclass

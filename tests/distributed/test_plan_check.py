@@ -20,8 +20,31 @@ import plan_check
 import pytest
 
 
+def _model_hooks(config, overrides, ds, world):
+    """:func:`loramoe_ds.cost_model.zero3_trace` for the case, as bench/plan_check.py logs
+    DeepSpeed's hooks: ``[kind, phase, module key, sorted parameter sizes]``."""
+    from loramoe_ds import cost_model as cm
+    from loramoe_ds.config import load_ds_config, load_run_config
+    from loramoe_ds.plan import make_plan
+    from loramoe_ds.plan_cost import workload
+
+    plan = make_plan(load_run_config(config, overrides), load_ds_config(ds), world, 0)
+    p = plan.run.parallel
+    w = workload(plan.run, plan.ds_config, world, p.ep_size, p.zero_stage, plan.layer_placements)
+    sizes = {pid: n for m in plan.cost.shapes.modules for pid, n in m.params}
+    out = []
+    for e in cm.zero3_trace(plan.cost.shapes, w):
+        if isinstance(e, cm.zero3.Fetch):
+            phase = "recompute" if e.recompute else ("fwd" if e.forward else "bwd")
+            out.append(["F", phase, e.module, sorted(sizes.get(q, n) for q, n in e.params)])
+        else:
+            out.append(["R", "fwd" if e.forward else "bwd", e.module, []])
+    return out
+
+
 @pytest.mark.slow
-def test_counted_bytes_match_the_model_per_collective(tmp_path):
+def test_counted_bytes_match_the_model_per_collective(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLAN_CHECK_HOOKS", "1")  # rank records log ZeRO-3's module hooks
     ds = tmp_path / "ds.json"
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 1_000_000}
     ds.write_text(json.dumps({"zero_optimization": zero}))
@@ -42,3 +65,13 @@ def test_counted_bytes_match_the_model_per_collective(tmp_path):
         assert pred[k] == pytest.approx(meas[k], rel=0.05), (k, pred[k], meas[k])
     other = sum(meas.get(k, 0) for k in plan_check.UNMODELLED)
     assert other < 0.01 * sum(meas.values())
+    # the model's ZeRO-3 trace is DeepSpeed's, hook by hook (one micro-batch of rank 0)
+    hooks = json.loads((tmp_path / "run" / "rank0.json").read_text())["hooks"]
+    root = hooks[0]
+    mb = hooks[: next(i for i, h in enumerate(hooks) if i and h == root)]
+    ov = [*overrides, "data.packing=true"]
+    model = _model_hooks(plan_check.REPO / "configs" / "tiny.yaml", ov, str(ds), 2)
+    assert [h[:2] + h[3:] for h in mb] == [h[:2] + h[3:] for h in model]
+    ids: dict[int, int] = {}
+    for h, m in zip(mb, model):  # the same module where the model says so
+        assert ids.setdefault(m[2], h[2]) == h[2], (h, m)

@@ -23,16 +23,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _shapes(counts, d=512, o=512, r=8, base_n=(4096,) * 3, slots=None):
+    """One adapted linear per layer: the MLP's plain linears ``p0, p1, ...`` then the
+    adapted ``down_proj`` (its base, the last of ``base_n``, its router and bank)."""
     lins = tuple(
         cm.LinearShape(i, d, o, e, slots or e, r) for i, e in enumerate(counts)
     )  # one adapted linear per layer
     L = len(counts)
     mods = []
     for i, lin in enumerate(lins):
-        mods += [cm.ModuleShape(((100 * i + j, n),), i, "base") for j, n in enumerate(base_n)]
-        mods.append(cm.ModuleShape(((-1 - i, lin.router_params),), i, "router", i))
+        mlp = f"model.layers.{i}.mlp"
+        names = [f"{mlp}.p{j}" for j in range(len(base_n) - 1)] + [f"{mlp}.down_proj.base"]
+        mods += [cm.ModuleShape(((100 * i + j, n),), i, "base", name=names[j])
+                 for j, n in enumerate(base_n)]  # fmt: skip
+        mods.append(cm.ModuleShape(((-1 - i, lin.router_params),), i, "router", i,
+                                   name=f"{mlp}.down_proj.router"))  # fmt: skip
         A, B = lin.experts * lin.rank * d, lin.experts * lin.rank * o
-        mods.append(cm.ModuleShape(((-100 - i, A), (-200 - i, B)), i, "bank", i))
+        mods.append(cm.ModuleShape(((-100 - i, A), (-200 - i, B)), i, "bank", i,
+                                   name=f"{mlp}.down_proj.experts"))  # fmt: skip
     return cm.ModelShapes(
         base_params=tuple(base_n) * L,
         base_backward=(True,) * (len(base_n) * L),
@@ -52,11 +59,13 @@ def _shapes(counts, d=512, o=512, r=8, base_n=(4096,) * 3, slots=None):
     )
 
 
-def _w(shapes, T, W, P, stage=3, router="topk", K=2, place=None, reuse=0, **kw):
+def _w(shapes, T, W, P, stage=3, router="topk", K=2, place=None, reuse=0, prefetch_bucket=0, **kw):
+    """No persistent parameters, no reuse distance, no prefetch unless asked."""
     place = place or [cm.SHARDED] * shapes.num_layers
     return cm.Workload(tokens=T, seq_len=T, label_tokens=T, gas=1, world=W, ep_size=P,
                        zero_stage=stage, placements=tuple(place), router=router, top_k=K,
-                       persistence_threshold=0, max_reuse_distance=reuse, **kw)  # fmt: skip
+                       persistence_threshold=0, max_reuse_distance=reuse,
+                       prefetch_bucket=prefetch_bucket, **kw)  # fmt: skip
 
 
 def test_topk_rows_and_zero3_terms_match_hand_formulas():
@@ -69,8 +78,10 @@ def test_topk_rows_and_zero3_terms_match_hand_formulas():
     assert c.bytes["ep_counts_a2a"] == 2 * 4 * 8  # fwd + recompute, E int64 counts
     router = 4 * 512
     base = -(-1001 // W) * W
-    # base: fwd + bwd + recompute; router (trainable): 3 passes; both padded to W
-    assert c.bytes["zero3_param_allgather"] == (3 * base + 3 * router) * 4
+    # the base: forward, recompute (held by the linear's wrapper until its backward
+    # ends: no third gather); the router: the wrapper model's forward and backward
+    # (its external parameter); both padded to W
+    assert c.bytes["zero3_param_allgather"] == (2 * base + 2 * router) * 4
     assert c.bytes["engine_grad_reduce"] == router * 4
     assert "expert_grad_allreduce" not in c.bytes  # EDP of size 1
 
@@ -104,7 +115,7 @@ def test_zero3_recompute_releases_the_layer_after_its_last_module():
     assert cm.zero3_gathered_elements(s, _w(s, 8, W, W, **rep)) == everything + banks
     assert on == everything + banks + 2 * (1000 + 2000 + 3000)
     # the peak held at once: the whole engine model after forward
-    assert cm.zero3_schedule(s, _w(s, 8, W, W, reuse=long))[2] == everything
+    assert cm.zero3_schedule(s, _w(s, 8, W, W, reuse=long)).peak == everything
 
 
 def test_soft_rows_send_every_token_to_every_ep_rank():
@@ -230,16 +241,76 @@ def test_cost_model_is_pure_arithmetic():
         assert not foreign, (path.name, foreign)
 
 
-def test_zero3_live_peak_is_what_the_prefetcher_fills_up_to():
-    """With prefetch on, DeepSpeed gathers ahead while fewer than
-    ``stage3_max_live_parameters`` elements are live: the peak is that bound (or the
-    whole engine model when smaller), never less than the release simulation's."""
-    s = _shapes([4, 4], base_n=(1000, 2000, 3000))
-    W, long = 2, 10**12
-    everything = 2 * 6000 + 2 * 4 * 512
-    no_prefetch = _w(s, 8, W, W, reuse=0, prefetch_bucket=0)
-    one_module = cm.zero3_live_peak(s, no_prefetch)
-    assert one_module == cm.zero3_schedule(s, no_prefetch)[2] == 3000
-    assert cm.zero3_live_peak(s, _w(s, 8, W, W, reuse=0, max_live=5000)) == 5000
-    assert cm.zero3_live_peak(s, _w(s, 8, W, W, reuse=0, max_live=10**9)) == everything
-    assert cm.zero3_live_peak(s, _w(s, 8, W, W, reuse=long, max_live=100)) == everything
+def _chain(*sizes, repeat=()):
+    """Modules 0, 1, ... with one parameter each (id = module), fetched and released in
+    forward order; then the modules in ``repeat`` again."""
+    ev = []
+    for m in [*range(len(sizes)), *repeat]:
+        ev += [cm.zero3.Fetch(m, ((m, sizes[m]),)), cm.zero3.Release(m)]
+    return ev
+
+
+def test_prefetcher_fills_to_max_live_and_flat_buffers_are_held():
+    """By hand (DeepSpeed 0.19.8 ``fetch_sub_module``): a, b, c, d of 10, 20, 30, 40
+    elements, no reuse distance, max_live 35, bucket 100. Fetch a: gathers a (10 live),
+    then the prefetcher, below min(35 - 10, 100) = 25, pops b (20) and c (30, the one
+    crossing the limit) into one call: a flat buffer of 50 (60 live). Release a (50).
+    Fetch b: the first wait copies b and c out of the flat buffer, which stays until c
+    is waited too: 50 + 50 = 100 held, the peak; at 50 live nothing is prefetched.
+    Release b (80). Fetch c frees the buffer (30), prefetches d (limit 5: 70), ... Every
+    parameter is gathered once: 100 elements."""
+    g = cm.coordinate(_chain(10, 20, 30, 40), world=1, max_live=35, prefetch_bucket=100)
+    assert g.per_micro == [100] and g.peak == 100 and g.persistent == 0
+    # no prefetch: one parameter held at a time
+    assert cm.coordinate(_chain(10, 20, 30, 40), world=1).peak == 40
+    # gloo's all-gather holds its output twice while it runs: at the prefetch of b and
+    # c, 60 held + the 50 of that call
+    g = cm.coordinate(_chain(10, 20, 30, 40), world=1, max_live=35, prefetch_bucket=100,
+                      gather_copy=True)  # fmt: skip
+    assert g.peak == 110
+
+
+def test_prefetcher_keeps_what_it_looked_past():
+    """a (p, 10), b (q, 10), a again; no reuse distance. Without prefetch p is released
+    after a and gathered again: 30 elements. With it, the first fetch's prefetch pops q
+    (gathered) and p's second use (already gathered: skipped, but marked), so the
+    release after a keeps p (``__most_recent_step_id_param_fetched_for``): 20."""
+    ev = _chain(10, 10, repeat=(0,))
+    assert cm.coordinate(ev, world=1).per_micro == [30]
+    assert cm.coordinate(ev, world=1, prefetch_bucket=100).per_micro == [20]
+    # a reuse distance longer than b keeps p as well; persistent parameters are
+    # gathered once per step instead
+    assert cm.coordinate(ev, world=1, max_reuse_distance=11).per_micro == [20]
+    g = cm.coordinate(ev, world=4, persistence_threshold=10)
+    assert g.per_micro == [0] and g.persistent == 2 * 12
+
+
+def test_backward_leftovers_are_released_at_the_end_of_the_micro_batch():
+    """A module fetched in backward whose post-hook never runs (the embedding: its input
+    needs no gradient) is released by ``release_backward_leftovers``: the next
+    micro-batch gathers it again."""
+    ev = _chain(8) + [cm.zero3.Fetch(0, ((0, 8),), forward=False)]
+    assert cm.coordinate(ev, world=2, micro_batches=2).per_micro == [16, 16]
+
+
+def test_recompute_is_released_after_the_backward_that_triggered_it():
+    """Under checkpointing the frozen parameters fetched by the recompute belong to the
+    newest module in backward, released when its backward ends, whatever the reuse
+    distance: container c (backward), recompute of x (10), y (20), then y's and x's
+    backward, then c's release. With no reuse distance x and y are gathered in forward
+    and again by the recompute, which holds them through their backward (c is still
+    running); with a long one they stay from forward on, but c's release drops them
+    all the same, so a later use gathers again."""
+    F, R = cm.zero3.Fetch, cm.zero3.Release
+    fwd = [F(1, ((1, 10),)), R(1), F(2, ((2, 20),)), R(2)]
+    bwd = [F(0, (), forward=False), F(1, ((1, 10),), recompute=True), R(1),
+           F(2, ((2, 20),), recompute=True), R(2), F(2, ((2, 20),), forward=False),
+           R(2, forward=False), F(1, ((1, 10),), forward=False), R(1, forward=False),
+           R(0, forward=False)]  # fmt: skip
+    short = cm.coordinate(fwd + bwd, world=1)  # released after every module
+    assert short.per_micro == [30 + 30]
+    long = cm.coordinate(fwd + bwd, world=1, max_reuse_distance=10**9)
+    assert long.per_micro == [30]  # kept from forward on; the recompute gathers nothing
+    # the recompute's parameters are released with c, so a later use gathers again
+    again = bwd[:-1] + [R(0, forward=False), F(1, ((1, 10),), forward=False)]
+    assert cm.coordinate(fwd + again, world=1, max_reuse_distance=10**9).per_micro == [40]
