@@ -26,7 +26,11 @@ at 64 KiB (:data:`MALLOC_ENV`), so every tensor above 64 KiB is its own mapping,
 returned to the kernel when freed: the resident set then follows the live
 tensors instead of keeping freed memory cached in malloc's arenas (torch has no
 CPU caching allocator). The prediction is :func:`loramoe_ds.cost_model.predict`'s
-memory items.
+memory items (for gloo ranks: ``plan_cost.workload(..., cpu=True)``).
+
+``PLAN_CHECK_TRACE=1`` keeps every counted call in the records (``trace``);
+``PLAN_CHECK_HOOKS=1`` every ZeRO-3 module fetch and release (``hooks``,
+:func:`record_hooks`), which ``loramoe_ds/cost_model/zero3.py`` simulates.
 
 Each rank writes a JSON record; the driver compares with the prediction for the
 token counts the ranks actually saw and prints one table.
@@ -407,7 +411,7 @@ def predicted(config: str, overrides: list[str], rec: dict, world: int, ds: str 
         S = max(s for _, s in shp)
         w = workload(plan.run, plan.ds_config, world, plan.run.parallel.ep_size,
                      plan.run.parallel.zero_stage, plan.layer_placements, tokens=T,
-                     label_tokens=max(lab))  # fmt: skip
+                     label_tokens=max(lab), cpu=True)  # fmt: skip
         w = cm.Workload(**{**w.__dict__, "seq_len": S})
         cost = cm.predict(shapes, w)
         for k, v in cost.bytes.items():

@@ -163,18 +163,22 @@ def workload(
     placements,
     tokens: int | None = None,
     label_tokens: int | None = None,
+    cpu: bool | None = None,
 ) -> cm.Workload:
     """The :class:`~loramoe_ds.cost_model.Workload` of a run config at one layout.
 
     ``tokens`` defaults to ``micro_batch_size x data.max_length`` (the padded
-    worst case; packed rows are exactly that long); ``label_tokens`` to half of it.
+    worst case; packed rows are exactly that long); ``label_tokens`` to half of it;
+    ``cpu`` (gloo ranks: their all-gather copy, the sparse expert dropout) to
+    ``DS_ACCELERATOR=cpu``.
     """
     from loramoe_ds.model.moe_linear import SPARSE_DROPOUT_MAX_P
     from loramoe_ds.train_loop.step_metrics import STEP_METRICS
 
     t, a = run.train, run.adapter
     aux = bool(a.lbc_beta or a.load_balance_coef or a.z_loss_coef or a.router_supervision_coef)
-    cpu = os.environ.get("DS_ACCELERATOR") == "cpu"  # gloo ranks (loramoe_ds/plan.py)
+    if cpu is None:
+        cpu = os.environ.get("DS_ACCELERATOR") == "cpu"  # as loramoe_ds/plan.py reads it
     zero = ds.get("zero_optimization", {})
     T = tokens if tokens is not None else t.micro_batch_size * run.data.max_length
     b = 2 if t.precision == "bf16" else 4

@@ -12,8 +12,10 @@ The package, one concept per module:
 * :mod:`~loramoe_ds.cost_model.workload`: the shapes, the workload, the
   :class:`Cost` (shape legend);
 * :mod:`~loramoe_ds.cost_model.collectives`: bytes by collective (the byte
-  convention, every term and the code path it follows, ZeRO-3's fetch/release
-  simulation);
+  convention, every term and the code path it follows);
+* :mod:`~loramoe_ds.cost_model.zero3`: ZeRO-3's gathers and gathered peak: the
+  model's module hooks, replayed through
+  :mod:`~loramoe_ds.cost_model.coordinator` (DeepSpeed's parameter coordinator);
 * :mod:`~loramoe_ds.cost_model.memory`: memory by item, activations;
 * :mod:`~loramoe_ds.cost_model.step_time`: FLOPs, step time from stated
   bandwidths;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from loramoe_ds.cost_model.choose import choose_placements, choose_zero_stage, layer_bytes
 from loramoe_ds.cost_model.collectives import COLLECTIVES, collective_bytes, wire_bytes
+from loramoe_ds.cost_model.coordinator import coordinate
 from loramoe_ds.cost_model.memory import activations, memory
 from loramoe_ds.cost_model.step_time import flops, step_seconds
 from loramoe_ds.cost_model.workload import (
@@ -39,7 +42,6 @@ from loramoe_ds.cost_model.workload import (
     split_linears,
 )
 from loramoe_ds.cost_model.zero3 import (
-    coordinate,
     zero3_gathered_elements,
     zero3_live_peak,
     zero3_schedule,

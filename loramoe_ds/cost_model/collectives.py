@@ -11,13 +11,14 @@ all-to-all over n ranks, ``2(n-1)/n`` for all-reduce.
 **Per optimizer step, per rank** (the code path each term follows):
 
 * ``zero3_param_allgather`` (ZeRO-3; DeepSpeed 0.19.8 ``partition_parameters``):
-  every engine parameter (frozen base, routers, replicated banks) larger than
-  ``stage3_param_persistence_threshold`` is all-gathered to ``ceil(n/W)*W``
-  elements at its module's forward, again at its backward (all but the input
-  embedding, whose backward needs no weight), and once more per decoder layer
-  when activation checkpointing recomputes it: ``G * (fwd + bwd [+ recompute])``.
-  Persistent parameters (at most the threshold) are all-gathered once per step,
-  after the optimizer step.
+  the engine parameters (frozen base, routers, replicated banks) larger than
+  ``stage3_param_persistence_threshold``, all-gathered to ``ceil(n/W)*W``
+  elements whenever a module needs one that is not gathered: ``G`` times what
+  :mod:`~loramoe_ds.cost_model.zero3` counts in one micro-batch (a replay of
+  DeepSpeed's coordinator over every module hook of forward, backward and the
+  recompute: reuse distance, prefetcher, the recompute's release). Persistent
+  parameters (at most the threshold) are all-gathered once per step, after the
+  optimizer step.
 * ``engine_grad_reduce``: the gradients of the trainable engine parameters
   (routers, replicated banks), ``reduce_scatter`` of ``ceil(n/W)*W`` elements in
   the gradient dtype at every micro-batch's backward (ZeRO-2 and 3 reduce as the

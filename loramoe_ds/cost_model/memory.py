@@ -22,8 +22,13 @@ def memory(
       parameters (``1/W`` under ZeRO >= 1), two moments (8 B) of the local shards.
     * ``zero_buffers``: ZeRO's gradient bucket (``reduce_bucket_size`` elements
       of ``b`` bytes, allocated whole by stages 2 and 3) and, under ZeRO-3, the
-      most parameters gathered at once
-      (:func:`~loramoe_ds.cost_model.collectives.zero3_live_peak`).
+      most elements held gathered at once, ``b`` bytes each
+      (:func:`~loramoe_ds.cost_model.zero3.zero3_live_peak`): the gathered
+      parameters (up to ``stage3_max_live_parameters`` and the prefetch that
+      crosses it), the flat buffer of a multi-parameter gather until its last
+      parameter is fetched (its parameters are copied out of it: held twice),
+      and, on gloo, the temporary copy of the all-gather that is running (the
+      output held twice while it runs).
     * ``activations_no_ckpt`` / ``activations_ckpt``: one micro-batch's saved
       activations without / with activation checkpointing (:func:`activations`).
     """

@@ -9,7 +9,9 @@ packs rows, checkpoints every decoder layer and runs ZeRO-3 with no persistent
 parameters, so every term is exercised: per-module all-gathers in forward, in
 the recompute and in backward (DeepSpeed's release of a layer's recomputed
 weights after its last module's backward), gradient reduce-scatter, the clip's
-gathers, counts and rows all-to-alls, the small all-reduces.
+gathers, counts and rows all-to-alls, the small all-reduces. The same run logs
+ZeRO-3's module hooks (``PLAN_CHECK_HOOKS=1``): the model's trace
+(``loramoe_ds/cost_model/zero3.py``) must be DeepSpeed's, hook by hook.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ def _model_hooks(config, overrides, ds, world):
 
     plan = make_plan(load_run_config(config, overrides), load_ds_config(ds), world, 0)
     p = plan.run.parallel
-    w = workload(plan.run, plan.ds_config, world, p.ep_size, p.zero_stage, plan.layer_placements)
+    w = workload(plan.run, plan.ds_config, world, p.ep_size, p.zero_stage, plan.layer_placements,
+                 cpu=True)  # fmt: skip
     sizes = {pid: n for m in plan.cost.shapes.modules for pid, n in m.params}
     out = []
     for e in cm.zero3_trace(plan.cost.shapes, w):
-        if isinstance(e, cm.zero3.Fetch):
+        if isinstance(e, cm.coordinator.Fetch):
             phase = "recompute" if e.recompute else ("fwd" if e.forward else "bwd")
             out.append(["F", phase, e.module, sorted(sizes.get(q, n) for q, n in e.params)])
         else:

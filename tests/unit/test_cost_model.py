@@ -14,6 +14,7 @@ import test_dry_run
 
 from loramoe_ds import cost_model as cm
 from loramoe_ds.config import load_run_config
+from loramoe_ds.cost_model.coordinator import Fetch, Release
 
 # The dry-run tests below use test_dry_run's fixtures: its launcher module and a clean environment.
 launcher = test_dry_run.launcher
@@ -154,6 +155,21 @@ def test_memory_items_partition_as_zero_says():
     assert m2["adapter"] == n_train * 4 and m3["adapter"] == n_train / W * 4
 
 
+def test_zero3_buffers_hold_a_multi_parameter_gather_twice():
+    """ZeRO-3 buffers = the reduce bucket + the most held gathered at once, by hand: one
+    replicated layer (base 1000, router 2048, bank A and B of 16384 each), no prefetch,
+    no reuse distance. The wrapper model holds the router (2048) through its forward;
+    the bank's two parameters arrive in one all-gather whose flat buffer stays while
+    they are copied out of it: 2048 + 2 x 32768 elements, the peak (the base, gathered
+    alone, is released before)."""
+    s = _shapes([4], base_n=(1000,))
+    w = _w(s, 8, 2, 1, place=[cm.REPLICATED])
+    peak = 2048 + 2 * 2 * 4 * 8 * 512
+    assert cm.zero3_live_peak(s, w) == peak
+    assert cm.predict(s, w).memory["zero_buffers"] == (w.reduce_bucket + peak) * 4
+    assert cm.zero3_gathered_elements(s, w) == 2 * (1000 + 2048 + 2 * 16384)  # fwd + bwd
+
+
 def test_zero_stage_rule():
     assert cm.choose_zero_stage(10 * cm.GIB, 80 * cm.GIB) == 2
     assert cm.choose_zero_stage(90 * cm.GIB, 80 * cm.GIB) == 3
@@ -246,7 +262,7 @@ def _chain(*sizes, repeat=()):
     forward order; then the modules in ``repeat`` again."""
     ev = []
     for m in [*range(len(sizes)), *repeat]:
-        ev += [cm.zero3.Fetch(m, ((m, sizes[m]),)), cm.zero3.Release(m)]
+        ev += [Fetch(m, ((m, sizes[m]),)), Release(m)]
     return ev
 
 
@@ -289,7 +305,7 @@ def test_backward_leftovers_are_released_at_the_end_of_the_micro_batch():
     """A module fetched in backward whose post-hook never runs (the embedding: its input
     needs no gradient) is released by ``release_backward_leftovers``: the next
     micro-batch gathers it again."""
-    ev = _chain(8) + [cm.zero3.Fetch(0, ((0, 8),), forward=False)]
+    ev = _chain(8) + [Fetch(0, ((0, 8),), forward=False)]
     assert cm.coordinate(ev, world=2, micro_batches=2).per_micro == [16, 16]
 
 
@@ -301,7 +317,7 @@ def test_recompute_is_released_after_the_backward_that_triggered_it():
     and again by the recompute, which holds them through their backward (c is still
     running); with a long one they stay from forward on, but c's release drops them
     all the same, so a later use gathers again."""
-    F, R = cm.zero3.Fetch, cm.zero3.Release
+    F, R = Fetch, Release
     fwd = [F(1, ((1, 10),)), R(1), F(2, ((2, 20),)), R(2)]
     bwd = [F(0, (), forward=False), F(1, ((1, 10),), recompute=True), R(1),
            F(2, ((2, 20),), recompute=True), R(2), F(2, ((2, 20),), forward=False),
