@@ -129,6 +129,8 @@ def main(argv=None) -> int:
             print(plan.describe())
         handler.uninstall()
         return 0
+    if env.rank == 0 and plan.cost is not None and plan.cost.auto:  # what auto chose
+        print(f"[plan] {plan.cost.choice()}\n[plan] {plan.describe_placements()}", flush=True)
     import torch.distributed as dist
 
     from loramoe_ds.launch import exit_codes

@@ -21,7 +21,6 @@ import json
 import plan_check
 import pytest
 
-
 TOPK = ["adapter.router=topk", "adapter.top_k=2", "adapter.num_experts=[2,3,4,8]"]
 # soft, every layer sharded: down_proj ends its layer, so the recompute skips its return rows
 SOFT = ["adapter.router=soft", "adapter.num_experts=4"]
