@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     )
     from loramoe_ds.parallel.nonfinite import NonFiniteStopError
     from loramoe_ds.run import prepare_data
+    from loramoe_ds.train_loop.trackers import TrackerStartError
 
     try:
         try:  # the data is validated and tokenised before any model load or DeepSpeed engine
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
         if dist.get_rank() == 0:
             print("[done] " + json.dumps(summary), flush=True)
         return REQUEUE_EXIT_CODE if summary["preempted"] else exit_codes.OK
-    except (CheckpointDamagedError, CheckpointRefusedError) as e:
+    except (CheckpointDamagedError, CheckpointRefusedError, TrackerStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except CheckpointSaveError as e:
