@@ -61,6 +61,7 @@ ATTRIBUTION = (
     ("loramoe_ds/parallel/dispatch.py", "", "ep_rows_a2a"),
     ("loramoe_ds/parallel/token_mean.py", "", "token_mean_allreduce"),
     ("loramoe_ds/train_loop/step_metrics.py", "", "metrics_allreduce"),
+    ("loramoe_ds/parallel/nonfinite.py", "", "nonfinite_allreduce"),
     ("loramoe_ds/parallel/aux_scope.py", "", "aux_scope"),
     ("loramoe_ds/parallel/expert_optimizer.py", "sync_grads", "expert_grad_allreduce"),
     ("loramoe_ds/parallel/expert_optimizer.py", "sq_norm", "grad_norm_allreduce"),

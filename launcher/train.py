@@ -129,6 +129,8 @@ def main(argv=None) -> int:
             print(plan.describe())
         handler.uninstall()
         return 0
+    if env.rank == 0 and plan.cost is not None and plan.cost.auto:  # what auto chose
+        print(f"[plan] {plan.cost.choice()}\n[plan] {plan.describe_placements()}", flush=True)
     import torch.distributed as dist
 
     from loramoe_ds.launch import exit_codes
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
     )
     from loramoe_ds.parallel.nonfinite import NonFiniteStopError
     from loramoe_ds.run import prepare_data
+    from loramoe_ds.train_loop.trackers import TrackerStartError
 
     try:
         try:  # the data is validated and tokenised before any model load or DeepSpeed engine
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
         if dist.get_rank() == 0:
             print("[done] " + json.dumps(summary), flush=True)
         return REQUEUE_EXIT_CODE if summary["preempted"] else exit_codes.OK
-    except (CheckpointDamagedError, CheckpointRefusedError) as e:
+    except (CheckpointDamagedError, CheckpointRefusedError, TrackerStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except CheckpointSaveError as e:

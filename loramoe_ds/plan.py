@@ -204,17 +204,19 @@ class PlanCost:
     auto: bool
     """Whether ``ep_size`` or ``zero_stage`` was ``auto`` (the choice was the plan's)."""
 
+    def choice(self) -> str:
+        """One line: the layout the plan took and the rule it took it by."""
+        c = self.chosen
+        return (
+            f"auto layout: ep_size {c.ep_size}, ZeRO-{c.zero_stage} (the fewest predicted "
+            "wire bytes per step among the options that fit; ZeRO-3 only when no ZeRO-2 "
+            "option fits or the DeepSpeed JSON asks for it)"
+        )
+
     def describe(self, checkpointing: bool, gpus_per_node: int | None = None) -> list[str]:
         from loramoe_ds.plan_cost import describe_options
 
-        head = []
-        if self.auto:
-            c = self.chosen
-            head.append(
-                f"auto layout: ep_size {c.ep_size}, ZeRO-{c.zero_stage} (the fewest predicted "
-                "wire bytes per step among the options that fit; ZeRO-3 only when no ZeRO-2 "
-                "option fits or the DeepSpeed JSON asks for it)"
-            )
+        head = [self.choice()] if self.auto else []
         return head + describe_options(
             self.options,
             self.chosen,

@@ -35,6 +35,8 @@ STAGE_OF = {
     "down_proj": 5,
 }
 """Execution stage of a decoder-layer module (parallel branches share a stage)."""
+LAST_STAGE = max(STAGE_OF.values())
+"""The MLP's output projection: its output reaches the layer's output through a residual add."""
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 DEFAULT_GPU_GIB = 80.0
@@ -92,6 +94,7 @@ def model_shapes(model, hf_cfg) -> cm.ModelShapes:
                 m.router.weight.shape[0],
                 bank.rank,
                 _runs_backward(m.name, False, i0, first),
+                _stage(m.name) == LAST_STAGE,
             )  # fmt: skip
         )
     sizes, bwd, in_layer = [], [], []

@@ -156,12 +156,13 @@ def start_metrics(plan: Plan) -> Any:
         The :class:`~loramoe_ds.train_loop.logger.MetricsLogger` (disabled off rank 0).
 
     Raises:
-        RuntimeError: ``output.report_to=[...]: rank 0 could not start tracking: ...``.
+        TrackerStartError: ``output.report_to=[...]: rank 0 could not start tracking: ...``.
     """
     import torch.distributed as dist
 
     from loramoe_ds.train_loop.logger import MetricsLogger
     from loramoe_ds.train_loop.step_metrics import STEP_METRICS, csv_fields
+    from loramoe_ds.train_loop.trackers import TrackerStartError
 
     out = plan.run.output
     metrics, err, exc = MetricsLogger(out.dir, enabled=False), None, None
@@ -181,7 +182,7 @@ def start_metrics(plan: Plan) -> Any:
         dist.broadcast_object_list(box, src=0)
         err = box[0]
     if err is not None:
-        raise RuntimeError(
+        raise TrackerStartError(
             f"output.report_to={out.report_to}: rank 0 could not start tracking: {err}"
         ) from exc
     return metrics
@@ -296,6 +297,7 @@ def train(
         print(f"[resume] from step {resumed_from}", flush=True)
     last: dict[str, float] = {}
     preempted = False
+    end = "failed"  # what the trackers record unless the loop gets to its end
     try:
         done_this_run = 0
         steps = step_batches(loader, run.train.grad_accum)
@@ -326,9 +328,10 @@ def train(
             if not preempted:
                 trainer.export_adapter(out / "adapter")
             dist.barrier(group=rank0_group())
+        end = "preempted" if preempted else "finished"
     finally:
         bar.close()
-        metrics.close()
+        metrics.close(end)
         if own_handler:
             handler.uninstall()
     return {

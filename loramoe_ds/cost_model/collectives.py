@@ -30,7 +30,8 @@ all-to-all over n ranks, ``2(n-1)/n`` for all-reduce.
 * ``ep_counts_a2a``: per sharded linear and micro-batch forward (and recompute):
   int64 counts, P (soft) or E (top-k) of them.
 * ``ep_rows_a2a``: per sharded linear and micro-batch, forward out and back
-  plus the reverse in backward (plus the forward again when recomputed). Soft:
+  plus the reverse in backward (plus the forward again when recomputed, less
+  the return of a soft linear that ends its layer: :func:`rows_bytes`). Soft:
   every token once per EP rank with its L gates, ``P*T*(D+L)`` out and
   ``P*T*O`` back; top-k (dropless): ``T*K*D`` out, ``T*K*O`` back; elements of
   ``a`` bytes.
@@ -39,6 +40,8 @@ all-to-all over n ranks, ``2(n-1)/n`` for all-reduce.
 * ``grad_norm_allreduce``: the shards' squared norm, 4 bytes over the EP group.
 * ``token_mean_allreduce``: ``N_step``, 8 bytes (``train.loss_reduction=token_mean``).
 * ``metrics_allreduce``: the step metrics, 8 bytes per value, once per step.
+* ``nonfinite_allreduce``: the index of the first non-finite term
+  (``parallel/nonfinite.py``), one int64 (8 bytes) per step.
 * ``aux_scope`` (``adapter.aux_loss_scope=global_batch``): per micro-batch, the
   row counts (8 bytes per rank), the padded rows of the aux-loss sums
   all-gathered, and their all-reduce in backward.
@@ -80,6 +83,7 @@ COLLECTIVES = {
     "grad_norm_allreduce": ("all_reduce", "ep"),
     "token_mean_allreduce": ("all_reduce", "world"),
     "metrics_allreduce": ("all_reduce", "world"),
+    "nonfinite_allreduce": ("all_reduce", "world"),
     "aux_scope": ("all_gather", "world"),
 }
 
@@ -90,15 +94,26 @@ def rows_bytes(lin: LinearShape, w: Workload, passes: int) -> float:
     Each forward pass (the forward, and the recompute under activation
     checkpointing) sends rows out and back; the backward reverses both, except
     that a top-k linear whose input needs no gradient gets no input rows back
-    (soft: the gates travel with the rows and always need theirs).
+    (soft: the gates travel with the rows and always need theirs; under
+    activation checkpointing every input needs one). The
+    recompute (non-reentrant, ``torch.utils.checkpoint``'s early stop) ends
+    with the last operation that saves a tensor for backward: a soft linear
+    that ends its layer (:attr:`LinearShape.ends_layer`) sums its returned
+    rows, which saves nothing, so the recompute skips that return exchange.
+    A top-k linear multiplies the returned rows by their gates, which saves
+    them: it is recomputed in full.
     """
     P, T, a = w.ep_size, w.tokens, w.act_bytes
     fwd_passes = passes - 1
     if w.router == "soft":
         L = lin.experts // P
-        return passes * P * T * (lin.d_in + L + lin.d_out) * a
+        skipped = P * T * lin.d_out * a if (fwd_passes > 1 and lin.ends_layer) else 0
+        return passes * P * T * (lin.d_in + L + lin.d_out) * a - skipped
     fwd = T * w.top_k * (lin.d_in + lin.d_out) * a
-    bwd = T * w.top_k * (lin.d_out + (lin.d_in if lin.input_grad else 0)) * a
+    # under checkpointing the embedding's output requires grad
+    # (transformers' ``enable_input_require_grads``): every input does
+    input_grad = lin.input_grad or fwd_passes > 1
+    bwd = T * w.top_k * (lin.d_out + (lin.d_in if input_grad else 0)) * a
     return fwd_passes * fwd + bwd
 
 
@@ -143,6 +158,7 @@ def collective_bytes(shapes: ModelShapes, w: Workload) -> tuple[dict[str, float]
         if w.token_mean:
             by["token_mean_allreduce"] = 8.0
         by["metrics_allreduce"] = 8.0 * w.metrics
+        by["nonfinite_allreduce"] = 8.0
         if w.aux_global:
             cols = sum(lin.slots for lin in shapes.linears)
             rows = W * w.records * cols * 4 * 2  # gathered, and all-reduced in backward

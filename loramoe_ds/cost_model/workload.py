@@ -43,6 +43,12 @@ class LinearShape:
     input_grad: bool = True
     """Whether the gradient of its input is needed (a trainable tensor upstream);
     when not, the backward of a top-k dispatch returns no input rows."""
+    ends_layer: bool = False
+    """Whether its output reaches the decoder layer's output through operations
+    that save nothing for backward (the MLP's output projection of a pre-norm
+    layer: a residual add). Non-reentrant activation checkpointing stops its
+    recompute once every saved tensor is rebuilt, so such a soft linear's
+    returned rows are not exchanged again in the recompute."""
 
     @property
     def bank_params(self) -> int:

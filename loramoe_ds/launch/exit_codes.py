@@ -5,7 +5,9 @@ exit status   meaning                                                 requeue?
 ============  ======================================================  =========
 0             finished: the adapter is exported                       no
 2             bad input: config, data record, damaged or refused      no
-              checkpoint, model directory (one line, before work)
+              checkpoint, model directory, a tracker of
+              ``output.report_to`` that cannot start (one line,
+              before work)
 65            training diverged: ``train.nonfinite`` stopped the run  no
               (the last good checkpoint is kept)
 74            a checkpoint could not be written (disk full,           no

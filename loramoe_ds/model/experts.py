@@ -14,9 +14,10 @@ The bank stores ``a_ERD`` (so ``A_cat = a_ERD.view(E*R, D)`` is the paper's
   added by the second GEMM itself (``addmm``), so no extra pass over a
   ``T x O`` tensor is made for either.
 * Top-k routing: rows sorted by expert, one grouped GEMM per factor
-  (``torch.nn.functional.grouped_mm`` where it runs, else one padded ``bmm``);
-  the gates scale the ``N x R`` rows between the two GEMMs. The rows come back
-  to their tokens by :func:`combine_topk`: written to their (token, slot) place
+  (:mod:`loramoe_ds.model.grouped_mm`: ``grouped_mm`` where it runs, else one
+  padded ``bmm``); the gates scale the ``N x R`` rows between the two GEMMs.
+  The rows come back to their tokens by
+  :func:`~loramoe_ds.model.topk.combine_topk`: written to their (token, slot) place
   and summed over the K slots in slot order -- deterministic on every device
   (``index_add`` is not on CUDA, and a recomputed forward that differed in the
   last bit could flip a near-tied top-k choice; docs/design.md, "Determinism").
@@ -35,7 +36,9 @@ import math
 import torch
 from torch import nn
 
+from loramoe_ds.model.grouped_mm import aligned_rows, group_align_rows, grouped_matmul
 from loramoe_ds.model.router import Routing
+from loramoe_ds.model.topk import combine_topk, gather_topk, sort_by_expert, topk_capacity
 
 
 class ExpertBank(nn.Module):
@@ -174,7 +177,7 @@ class ExpertBank(nn.Module):
         align = group_align_rows(x_ND, a_EDR, b_ERO)
         if align > 1:
             max_rows = None  # counts change; grouped_mm needs no maximum
-            dest_N, counts_E = _aligned_rows(counts_E, align, x_ND.shape[0])
+            dest_N, counts_E = aligned_rows(counts_E, align, x_ND.shape[0])
             x_ND = x_ND.new_zeros(
                 x_ND.shape[0] + align * self.num_experts, x_ND.shape[1]
             ).index_copy(0, dest_N, x_ND)
@@ -187,261 +190,6 @@ class ExpertBank(nn.Module):
             h_NR = h_NR * row_scale_N.to(dt)[:, None]
         y_NO = grouped_matmul(h_NR, b_ERO, counts_E, max_rows)
         return y_NO.index_select(0, dest_N) if align > 1 else y_NO
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    ``grouped_mm``'s CPU backward rejects expanded (stride-0) gradients such as
-    the one produced by ``y.sum().backward()``.
-    """
-
-    @staticmethod
-    def forward(ctx, x):  # noqa: D102
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: D102
-        return g.contiguous()
-
-
-#: Oldest CUDA compute capability with a ``grouped_mm`` kernel: torch states
-#: "bfloat16 values on CUDA devices with SM >= 80" (``torch.nn.functional.grouped_mm``).
-GROUPED_MM_MIN_CAPABILITY = (8, 0)
-#: On CUDA each expert's rows are padded to a multiple of this (8 bf16 rows = 16
-#: bytes): the weight gradient of a grouped GEMM is a 2-D x 2-D grouped GEMM whose
-#: groups run along the token dimension, and the kernels want every group
-#: 16-byte aligned (torchtitan pads its MoE token groups to 8 for the same reason).
-GROUP_ALIGN_ROWS = 8
-
-
-def grouped_mm_supported(
-    device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None
-) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` has a kernel for this device and dtype.
-
-    Args:
-        device_type: ``"cpu"``, ``"cuda"``, ...
-        dtype: The operands' dtype (both the same).
-        capability: The CUDA device's compute capability (``None`` off CUDA).
-
-    Returns:
-        CPU: fp32 and bf16. CUDA: bf16 on SM80 or newer only (older GPUs and
-        fp32 fall back to the padded ``bmm``). Other devices: no.
-    """
-    if not hasattr(torch.nn.functional, "grouped_mm"):
-        return False
-    if device_type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
-    if device_type == "cuda":
-        return (
-            dtype == torch.bfloat16
-            and capability is not None
-            and tuple(capability) >= GROUPED_MM_MIN_CAPABILITY
-        )
-    return False
-
-
-def _grouped_mm_ok(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
-    if x_NK.dtype != w_EKM.dtype:
-        return False
-    dev = x_NK.device
-    cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-    if not grouped_mm_supported(dev.type, x_NK.dtype, cap):
-        return False
-    size = x_NK.element_size()
-    strides = [x_NK.stride(0), *w_EKM.stride()[1:]]
-    # grouped GEMM kernels need 16-byte aligned leading strides
-    return all((s * size) % 16 == 0 or s == 1 for s in strides) and (
-        x_NK.shape[1] * size % 16 == 0 and w_EKM.shape[2] * size % 16 == 0
-    )
-
-
-def group_align_rows(x_ND: torch.Tensor, a_EDR: torch.Tensor, b_ERO: torch.Tensor) -> int:
-    """Rows each expert's group is padded to in :meth:`ExpertBank.grouped`:
-    :data:`GROUP_ALIGN_ROWS` where ``grouped_mm`` runs both GEMMs on a GPU, else 1
-    (the CPU kernel and the padded-``bmm`` fallback take any group size)."""
-    if x_ND.device.type != "cuda" or not _grouped_mm_ok(x_ND, a_EDR):
-        return 1
-    h_0R = x_ND.new_empty(0, a_EDR.shape[2])  # the layout of the rows between the GEMMs
-    return GROUP_ALIGN_ROWS if _grouped_mm_ok(h_0R, b_ERO) else 1
-
-
-def _aligned_rows(
-    counts_E: torch.Tensor, align: int, num_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each row of an expert-grouped batch goes when every group is padded
-    to a multiple of ``align`` rows (no device->host read).
-
-    Returns:
-        ``dest_N`` (row n's place in the padded batch; the padded batch needs at
-        most ``N + align * E`` rows) and the padded ``counts_E``.
-    """
-    counts_E = counts_E.to(torch.long)
-    padded_E = (counts_E + align - 1) // align * align
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    pstarts_E = torch.cumsum(padded_E, 0) - padded_E
-    group_N = torch.repeat_interleave(
-        torch.arange(counts_E.numel(), device=counts_E.device), counts_E, output_size=num_rows
-    )
-    row_N = torch.arange(num_rows, device=counts_E.device)
-    return pstarts_E[group_N] + row_N - starts_E[group_N], padded_E
-
-
-def grouped_matmul(
-    x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor, max_rows: int | None = None
-) -> torch.Tensor:
-    """Row-grouped matmul: rows of group e are multiplied by ``w_EKM[e]``.
-
-    Uses ``torch.nn.functional.grouped_mm`` when the dtype and strides allow it,
-    otherwise scatters the rows into one padded ``(E, C, K)`` batch and runs a
-    single ``bmm``. Both are one kernel launch, not a loop over experts.
-
-    Args:
-        x_NK: Rows sorted by group.
-        w_EKM: One ``K x M`` matrix per group.
-        counts_E: Rows per group (rows past their sum are ignored).
-        max_rows: ``max(counts_E)``, when known on the host (else the
-            fallback reads it from the device).
-
-    Returns:
-        ``y_NM`` (as many rows as ``x_NK``).
-    """
-    E = w_EKM.shape[0]
-    if x_NK.shape[0] == 0:
-        return x_NK.new_zeros(0, w_EKM.shape[2]) + 0 * w_EKM.sum()
-    if _grouped_mm_ok(x_NK, w_EKM):
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        y_NM = torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E)
-        return _ContiguousGrad.apply(y_NM)
-    # Padded bmm fallback.
-    counts_E = counts_E.to(torch.long)
-    capacity = int(counts_E.max().item()) if max_rows is None else max_rows
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    group_N = torch.repeat_interleave(
-        torch.arange(E, device=x_NK.device), counts_E, output_size=x_NK.shape[0]
-    )
-    slot_N = torch.arange(x_NK.shape[0], device=x_NK.device) - starts_E[group_N]
-    flat_N = group_N * capacity + slot_N
-    x_pad = x_NK.new_zeros(E * capacity, x_NK.shape[1]).index_copy(0, flat_N, x_NK)
-    y_pad = torch.bmm(x_pad.view(E, capacity, -1), w_EKM)
-    return y_pad.view(E * capacity, -1).index_select(0, flat_N)
-
-
-def sort_by_expert(
-    experts_TK: torch.Tensor,
-    num_experts: int,
-    capacity: int | None = None,
-    num_slots: int | None = None,
-    *,
-    trim: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order the (token, slot) assignments by expert (stable: token order within).
-
-    Args:
-        experts_TK: Slot index of each (token, slot).
-        num_experts: E; slots ``>= E`` are null experts, whose assignments are
-            left out (they compute nothing).
-        capacity: Optional cap on rows per expert; assignments past it (in token
-            order) are dropped.
-        num_slots: S = E + N router slots (default E).
-        trim: Cut the null-expert assignments off ``order_N`` here (one
-            device->host read of their number). ``False`` (dropless only):
-            return every assignment, null ones last, for a caller that cuts at
-            ``sum(counts_E)`` once it holds the counts on the host anyway.
-
-    Returns:
-        ``order_N``: indices into the flattened ``T*K`` assignments to LoRA
-        experts, grouped by expert; ``counts_E``: rows per expert (after the cap).
-    """
-    flat = experts_TK.reshape(-1)
-    order_N = torch.argsort(flat, stable=True)
-    # A scatter of ones, not bincount: bincount reads max(flat) back to the host on CUDA.
-    counts_E = torch.zeros(num_slots or num_experts, dtype=torch.long, device=flat.device)
-    counts_E = counts_E.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
-    if counts_E.numel() > num_experts:  # null slots sort last: cut them off
-        counts_E = counts_E[:num_experts]
-        if trim or capacity is not None:
-            order_N = order_N[: int(counts_E.sum())]
-    if capacity is not None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        sorted_expert_N = flat[order_N]
-        pos_N = torch.arange(order_N.numel(), device=flat.device) - starts_E[sorted_expert_N]
-        order_N = order_N[pos_N < capacity]
-        counts_E = counts_E.clamp(max=capacity)
-    return order_N, counts_E
-
-
-class _GatherTopk(torch.autograd.Function):
-    """``x[order_N // K]`` whose backward is :func:`combine_topk` (deterministic),
-    not ``index_select``'s scatter-add over tokens."""
-
-    @staticmethod
-    def forward(ctx, x_TD, order_N, top_k):  # noqa: D102
-        ctx.save_for_backward(order_N)
-        ctx.T, ctx.K = x_TD.shape[0], top_k
-        return x_TD.index_select(0, order_N // top_k)
-
-    @staticmethod
-    def backward(ctx, g_ND):  # noqa: D102
-        (order_N,) = ctx.saved_tensors
-        return combine_topk(g_ND.contiguous(), order_N, ctx.T, ctx.K), None, None
-
-
-def gather_topk(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The token row of each kept (token, slot) assignment: ``x[order_N // K]``.
-
-    The adjoint of :func:`combine_topk`, and its backward *is* that combine, so
-    the input gradient is as deterministic as the forward.
-    """
-    return _GatherTopk.apply(x_TD, order_N, top_k)
-
-
-def combine_topk(
-    y_NO: torch.Tensor,
-    order_N: torch.Tensor,
-    num_tokens: int,
-    top_k: int,
-    out_TO: torch.Tensor | None = None,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """``out_t + sum_k y[(t, k)]``: expert rows back to their tokens, deterministically.
-
-    Row ``n`` belongs to assignment ``order_N[n]`` of the flattened ``T*K``
-    (token, slot) grid (distinct entries; assignments with no row -- null
-    experts, capacity drops -- contribute zero). The rows are *written* to their
-    grid place (``index_put_`` of distinct indices: each place written once; its backward is a
-    gather) and summed over the K slots in slot order (``view(T, K, O).sum(1)``).
-    The result is therefore bitwise independent of the order of the rows and of
-    the device's scheduling, unlike an ``index_add`` scatter-add, whose
-    accumulation order on CUDA is not fixed.
-
-    Args:
-        y_NO: Expert outputs, one row per kept assignment (gates already applied).
-        order_N: Each row's index into the ``T*K`` assignments.
-        num_tokens: T.
-        top_k: K.
-        out_TO: Added to the result (e.g. the base output); ``None``: zeros.
-        inplace: Add into ``out_TO`` itself.
-
-    Returns:
-        ``y_TO`` (``out_TO``'s dtype when it is given, else ``y_NO``'s).
-    """
-    O = y_NO.shape[1]
-    y_TKO = y_NO.new_zeros(num_tokens * top_k, O).index_put_((order_N,), y_NO)
-    y_TO = y_TKO.view(num_tokens, top_k, O).sum(1)
-    if out_TO is None:
-        return y_TO
-    y_TO = y_TO.to(out_TO.dtype)
-    return out_TO.add_(y_TO) if inplace else out_TO + y_TO
-
-
-def topk_capacity(num_tokens: int, top_k: int, num_slots: int, factor: float | None) -> int | None:
-    """Tokens per expert allowed by a capacity factor: ``ceil(cf * T * K / S)`` over
-    all S router slots (null experts included); ``None`` is dropless."""
-    if factor is None:
-        return None
-    return math.ceil(factor * num_tokens * top_k / num_slots)
 
 
 #: ``topk_impl="auto"`` uses the dense masked path when the whole bank is this

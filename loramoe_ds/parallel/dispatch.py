@@ -53,14 +53,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from loramoe_ds.model.experts import (
-    ExpertBank,
-    combine_topk,
-    gather_topk,
-    sort_by_expert,
-    topk_capacity,
-)
+from loramoe_ds.model.experts import ExpertBank
 from loramoe_ds.model.router import Routing
+from loramoe_ds.model.topk import combine_topk, gather_topk, sort_by_expert, topk_capacity
 
 
 @dataclass

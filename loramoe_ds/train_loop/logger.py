@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loramoe_ds.train_loop.trackers import TRACKERS, Tracker
+from loramoe_ds.train_loop.trackers import RUN_ENDS, TRACKERS, Tracker
 
 
 class MetricsLogger:
@@ -58,7 +58,7 @@ class MetricsLogger:
             for name in report_to:
                 self.trackers.append(TRACKERS[name](**kw))
         except BaseException:
-            self.close()
+            self.close("failed")
             raise
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
@@ -66,7 +66,14 @@ class MetricsLogger:
         for t in self.trackers:
             t.log(step, values)
 
-    def close(self) -> None:
-        """End every tracker's run (the ones started, if starting failed)."""
+    def close(self, end: str = "finished") -> None:
+        """End every tracker's run (the ones started, if starting failed).
+
+        Args:
+            end: How the run ended, one of :data:`~loramoe_ds.train_loop.trackers.RUN_ENDS`
+                (wandb and mlflow record it).
+        """
+        if end not in RUN_ENDS:
+            raise ValueError(f"end={end!r}: valid {list(RUN_ENDS)}")
         while self.trackers:
-            self.trackers.pop().close()
+            self.trackers.pop().close(end)

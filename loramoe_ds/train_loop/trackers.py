@@ -27,6 +27,11 @@ the CSV is appended to (keeping the header it started with), TensorBoard adds an
 event file, and wandb and mlflow reopen the run whose id is kept in
 ``OUT/tracking.json`` (mlflow's params stay those of the run's first start; the
 current config is in ``run_config.json``).
+
+A run ends in one of :data:`RUN_ENDS`, and wandb and mlflow record it: a
+finished run as finished (wandb exit code 0, mlflow ``FINISHED``), a preempted
+one as preempted (wandb ``mark_preempting`` and exit code 75, mlflow
+``KILLED``), one that raised as failed (wandb exit code 1, mlflow ``FAILED``).
 """
 
 from __future__ import annotations
@@ -39,11 +44,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from loramoe_ds.launch.exit_codes import OK, PREEMPTED
+
 RUN_IDS_FILE = "tracking.json"
 """Where the wandb and mlflow run ids of an output directory are kept (for resume)."""
 
 DEFAULT_PROJECT = "loramoe-ds"
 """The wandb project and mlflow experiment when their environment variables are unset."""
+
+RUN_ENDS = ("finished", "preempted", "failed")
+"""How a run ends: all steps done, stopped to be resumed (exit 75), or raised."""
+
+WANDB_EXIT_CODE = {"finished": OK, "preempted": PREEMPTED, "failed": 1}
+"""The exit code wandb records for each :data:`RUN_ENDS` (non-zero: not finished)."""
+
+MLFLOW_STATUS = {"finished": "FINISHED", "preempted": "KILLED", "failed": "FAILED"}
+"""The mlflow run status of each :data:`RUN_ENDS`."""
+
+
+class TrackerStartError(RuntimeError):
+    """A tracker of ``output.report_to`` could not start (one line; every rank raises it)."""
 
 
 def tag(name: str) -> str:
@@ -86,8 +106,8 @@ class Tracker(Protocol):
     def log(self, step: int, values: Mapping[str, float]) -> None:
         """Report one optimizer step's row."""
 
-    def close(self) -> None:
-        """Flush and end the run."""
+    def close(self, end: str = "finished") -> None:
+        """Flush and end the run; ``end`` is one of :data:`RUN_ENDS`."""
 
 
 class CsvTracker:
@@ -117,7 +137,7 @@ class CsvTracker:
         self._writer.writerow({"step": step, **values})
         self._file.flush()
 
-    def close(self) -> None:
+    def close(self, end: str = "finished") -> None:
         self._file.close()
 
 
@@ -135,7 +155,7 @@ class TensorBoardTracker:
         for k, v in _numbers(values).items():
             self._writer.add_scalar(tag(k), v, step)
 
-    def close(self) -> None:
+    def close(self, end: str = "finished") -> None:
         self._writer.close()
 
 
@@ -158,8 +178,10 @@ class WandbTracker:
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self._run.log({tag(k): v for k, v in _numbers(values).items()}, step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, end: str = "finished") -> None:
+        if end == "preempted":
+            self._run.mark_preempting()
+        self._run.finish(exit_code=WANDB_EXIT_CODE[end])
 
 
 MLFLOW_PARAMS_PER_CALL = 100
@@ -203,8 +225,8 @@ class MlflowTracker:
         metrics = [Metric(tag(k), v, now, step) for k, v in _numbers(values).items()]
         self._client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self) -> None:
-        self._client.set_terminated(self.run_id)
+    def close(self, end: str = "finished") -> None:
+        self._client.set_terminated(self.run_id, status=MLFLOW_STATUS[end])
 
 
 TRACKERS: dict[str, type] = {

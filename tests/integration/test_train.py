@@ -42,14 +42,15 @@ def _overrides(out: Path, steps: int = 6) -> list[str]:
     return [f"output.dir={out}", f"train.max_steps={steps}", "output.save_every=3"]
 
 
-def _run(cmd: list[str], expect: int = 0, timeout: int = 300) -> str:
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], expect: int = 0, timeout: int = 300, env=None) -> str:
+    env = {k: v for k, v in {**_env(), **(env or {})}.items() if v is not None}  # None: unset
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     assert p.returncode == expect, f"exit {p.returncode} (want {expect}):\n{out[-4000:]}"
     return out
 
 
-def _deepspeed(out: Path, extra=(), expect=0, steps=6) -> str:
+def _deepspeed(out: Path, extra=(), expect=0, steps=6, env=None) -> str:
     cmd = [
         str(BIN / "deepspeed"),
         "--num_gpus",
@@ -62,7 +63,7 @@ def _deepspeed(out: Path, extra=(), expect=0, steps=6) -> str:
         *extra,
         *_overrides(out, steps),
     ]
-    return _run(cmd, expect)
+    return _run(cmd, expect, env=env)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -120,13 +121,23 @@ print(json.dumps({{"experts": m.total_experts()}}))
 
 
 @pytest.mark.distributed
-def test_stop_and_resume_equals_uninterrupted(reference_run, tmp_path):
-    """Preempted after 4 steps (exit 75), resumed to 6: same losses, no step lost or repeated."""
+def test_stop_and_resume_equals_uninterrupted(reference_run, tmp_path, monkeypatch):
+    """Preempted after 4 steps (exit 75), resumed to 6: same losses, no step lost or
+    repeated; the tracked (mlflow) run is marked KILLED, then FINISHED on the same run."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this process reads the store too
     out = tmp_path / "resumed"
-    log = _deepspeed(out, extra=["--stop-after", "4"], expect=75)
+    store = f"file:{tmp_path / 'mlruns'}"
+    env = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    track = ["output.report_to=[csv,mlflow]"]
+    log = _deepspeed(out, extra=["--stop-after", "4", *track], expect=75, env=env)
     assert "preempted" in log
     assert sorted(_losses(out)) == [1, 2, 3, 4]
-    _deepspeed(out)
+    run_id = json.loads((out / "tracking.json").read_text())["mlflow"]
+    assert MlflowClient(store).get_run(run_id).info.status == "KILLED"
+    _deepspeed(out, extra=track, env=env)
+    assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"
     got, ref = _losses(out), _losses(reference_run)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in ref:
@@ -317,3 +328,56 @@ def test_packed_smollm2_config_plans_for_two_ranks():
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     assert "EP groups  [[0, 1]]" in p.stdout and "grad_accum 2 x DP 2" in p.stdout
+
+
+@pytest.mark.distributed
+def test_auto_layout_is_applied_and_trains_as_the_replicated_run(tmp_path):
+    """``parallel.ep_size: auto`` in a real run: the plan's per-layer choice is the one
+    trained, and it learns what the all-replicated run (``ep_size`` 1) learns.
+
+    MoLA-like ``[2, 4, 6, 8]`` top-2, rank 64, micro-batches of one record of at
+    most 160 tokens, ZeRO-3 on 2 ranks: the crossover ``T* = 3 E r / (2 K)`` is 96
+    tokens for the 2-expert layer (replicate it) and 192-384 for the others (shard).
+    """
+    layout = ["adapter.router=topk", "adapter.top_k=2", "adapter.num_experts=[2,4,6,8]",
+              "adapter.rank=64", "train.micro_batch_size=1"]  # fmt: skip
+    auto, rep = tmp_path / "auto", tmp_path / "replicated"
+    log = _deepspeed(auto, extra=[*layout, "parallel.ep_size=auto"], steps=4)
+    assert "[plan] auto layout: ep_size 2, ZeRO-3" in log, log[-3000:]
+    assert (
+        "[plan] expert placement (ep_size 2): layer 0: 2 experts replicated; layer 1: 4 experts "
+        "sharded, 2 per EP rank; layer 2: 6 experts sharded, 3 per EP rank; layer 3: 8 "
+        "experts sharded, 4 per EP rank"
+    ) in log, log[-3000:]
+    _deepspeed(rep, extra=[*layout, "parallel.ep_size=1"], steps=4)
+    got, ref = _losses(auto), _losses(rep)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+    from safetensors.torch import load_file
+
+    a = load_file(auto / "adapter" / "adapter_model.safetensors")
+    b = load_file(rep / "adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    # Adam divides by sqrt(v): where a gradient is ~0, fp32 rounding (another reduction
+    # order under EP) becomes a step of up to lr. So: tight but for a handful of
+    # elements, and those within the bound 2 * lr * steps (configs/tiny.yaml: lr 5e-3).
+    for k in b:
+        err = (a[k] - b[k]).abs()
+        assert err.max() <= 2 * 5e-3 * 4, (k, err.max())
+        assert (err > 2e-5).float().mean() < 0.01, (k, int((err > 2e-5).sum()), err.numel())
+
+
+@pytest.mark.distributed
+def test_a_tracker_that_cannot_start_is_one_line_on_every_rank(tmp_path):
+    """mlflow refuses a file store without its opt-in: exit 2 and one line per rank
+    naming the setting, before the model loads; no traceback."""
+    out = tmp_path / "out"
+    env = {"MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": None}
+    log = _deepspeed(out, extra=["output.report_to=[csv,mlflow]"], expect=2, steps=2, env=env)
+    lines = [x for x in log.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 2, log[-3000:]
+    for line in lines:
+        assert "output.report_to=['csv', 'mlflow']: rank 0 could not start tracking: " in line
+    assert "Traceback" not in log and not (out / "checkpoints").exists()
+    assert not _losses(out)  # the CSV tracker started first: its header, no step

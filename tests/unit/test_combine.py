@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from loramoe_ds.model.experts import ExpertBank, combine_topk, local_mixture
+from loramoe_ds.model.experts import ExpertBank, local_mixture
 from loramoe_ds.model.reference import loop_mixture
 from loramoe_ds.model.router import Routing
+from loramoe_ds.model.topk import combine_topk
 
 T, K, O = 64, 4, 24
 

@@ -14,6 +14,7 @@ import test_dry_run
 
 from loramoe_ds import cost_model as cm
 from loramoe_ds.config import load_run_config
+from loramoe_ds.cost_model.collectives import rows_bytes
 from loramoe_ds.cost_model.coordinator import Fetch, Release
 
 # The dry-run tests below use test_dry_run's fixtures: its launcher module and a clean environment.
@@ -126,6 +127,32 @@ def test_soft_rows_send_every_token_to_every_ep_rank():
     L = 3
     assert c.bytes["ep_rows_a2a"] == 2 * P * T * (512 + L + 512) * 4
     assert c.bytes["expert_grad_allreduce"] == 6 * 8 * 1024 // P * 4  # EDP group of 2
+
+
+def test_checkpointed_soft_rows_skip_the_return_of_the_layer_ending_linear():
+    """Non-reentrant checkpointing stops its recompute at the last op that saves a
+    tensor: a soft linear ending its layer sums its returned rows (nothing saved),
+    so the recompute sends its rows out but not back; top-k multiplies the
+    returned rows by their gates (saved), so it is recomputed in full."""
+    T, P, L, D, O = 10, 2, 3, 512, 256
+    ends = cm.LinearShape(0, D, O, 6, 6, 8, ends_layer=True)
+    mid = cm.LinearShape(0, D, O, 6, 6, 8)
+    soft = _w(_shapes([6]), T, 2, P, router="soft", activation_checkpointing=True)
+    full = 3 * P * T * (D + L + O) * 4  # forward, recompute, backward
+    assert rows_bytes(mid, soft, 3) == full
+    assert rows_bytes(ends, soft, 3) == full - P * T * O * 4
+    topk = _w(_shapes([6]), T, 2, P, K=2, activation_checkpointing=True)
+    assert rows_bytes(ends, topk, 3) == rows_bytes(mid, topk, 3) == 3 * T * 2 * (D + O) * 4
+    # a top-k input needing no gradient gets no rows back, unless checkpointing
+    # makes the embedding's output (so every input) require grad
+    first = cm.LinearShape(0, D, O, 6, 6, 8, input_grad=False)
+    plain = _w(_shapes([6]), T, 2, P, K=2)
+    assert rows_bytes(first, plain, 2) == T * 2 * (D + O) * 4 + T * 2 * O * 4
+    assert rows_bytes(first, topk, 3) == 3 * T * 2 * (D + O) * 4
+    # without checkpointing nothing is skipped
+    assert (
+        rows_bytes(ends, _w(_shapes([6]), T, 2, P, router="soft"), 2) == 2 * P * T * (D + L + O) * 4
+    )
 
 
 @pytest.mark.parametrize("E,r,K", [(4, 8, 2), (16, 8, 2), (64, 16, 2), (8, 16, 1)])

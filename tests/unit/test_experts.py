@@ -5,10 +5,12 @@ import torch
 from _matmul_dtypes import MatmulDtypes
 from torch import nn
 
-from loramoe_ds.model.experts import ExpertBank, grouped_matmul, local_mixture, sort_by_expert
+from loramoe_ds.model.experts import ExpertBank, local_mixture
+from loramoe_ds.model.grouped_mm import grouped_matmul
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.model.reference import loop_mixture
 from loramoe_ds.model.router import Router
+from loramoe_ds.model.topk import sort_by_expert
 
 
 def _bank(E, D, O, R, seed=0):
@@ -344,7 +346,7 @@ def test_sparse_dropout_gradient_is_the_mask_for_any_incoming_gradient():
 def test_grouped_mm_needs_sm80_bf16_on_cuda(device, dtype, cap, want):
     """torch's grouped GEMM kernels: bf16 on SM80+ (a T4 or V100 falls back to the
     padded bmm instead of raising); fp32 and bf16 on CPU."""
-    from loramoe_ds.model.experts import grouped_mm_supported
+    from loramoe_ds.model.grouped_mm import grouped_mm_supported
 
     assert grouped_mm_supported(device, dtype, cap) is want
 
@@ -352,6 +354,7 @@ def test_grouped_mm_needs_sm80_bf16_on_cuda(device, dtype, cap, want):
 def test_aligned_groups_give_the_unaligned_result(monkeypatch):
     """Groups padded to 8 rows (what the GPU path does) compute the same rows and grads."""
     from loramoe_ds.model import experts as ex
+    from loramoe_ds.model.grouped_mm import aligned_rows
 
     torch.manual_seed(0)
     bank = _bank(4, 16, 8, 8)
@@ -368,6 +371,6 @@ def test_aligned_groups_give_the_unaligned_result(monkeypatch):
         outs.append((y, *grads))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    dest, padded = ex._aligned_rows(counts, 8, int(counts.sum()))
+    dest, padded = aligned_rows(counts, 8, int(counts.sum()))
     assert padded.tolist() == [8, 0, 16, 8]
     assert dest.tolist() == [0, 1, 2, *range(8, 17), 24, 25]

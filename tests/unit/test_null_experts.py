@@ -14,11 +14,11 @@ from test_experts import _bank, assert_fused_matches_loop
 from test_lbc_fixed_point import optimise_shares
 
 from loramoe_ds.config import AdapterConfig
-from loramoe_ds.model.experts import sort_by_expert
 from loramoe_ds.model.inject import inject
 from loramoe_ds.model.losses import knowledge_group, lbc_optimal_shares
 from loramoe_ds.model.moe_linear import MoELoRALinear
 from loramoe_ds.model.router import Router
+from loramoe_ds.model.topk import sort_by_expert
 from loramoe_ds.tiny import tiny_model
 
 

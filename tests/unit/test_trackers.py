@@ -33,11 +33,11 @@ def _row(step: int) -> dict[str, float]:
     return {name: round(step + i / 8, 6) for i, name in enumerate(FIELDS[1:])}
 
 
-def _log(out: Path, report_to: list[str], steps, **kw) -> None:
+def _log(out: Path, report_to: list[str], steps, end="finished", **kw) -> None:
     log = MetricsLogger(out, fields=FIELDS, report_to=report_to, config=CONFIG, **kw)
     for s in steps:
         log.log(s, _row(s))
-    log.close()
+    log.close(end)
 
 
 def _csv(out: Path) -> dict[int, dict[str, float]]:
@@ -113,7 +113,7 @@ def _wandb_records(out: Path) -> list[list[dict]]:
     runs = []
     for f in sorted(out.glob("wandb/offline-run-*/run-*.wandb")):
         p = subprocess.run(
-            [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(f)],
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(f)],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert p.returncode == 0, p.stderr[-2000:]
@@ -127,10 +127,14 @@ def test_wandb_offline_run_matches_the_csv(tmp_path, monkeypatch):
     for k in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(k, raising=False)
     out = tmp_path / "run7"
-    _log(out, ["csv", "wandb"], [1, 2, 3])
+    _log(out, ["csv", "wandb"], [1, 2, 3], end="preempted")
     _log(out, ["csv", "wandb"], [4, 5])  # continued in the same directory
     runs = _wandb_records(out)  # one offline directory per start, one run id
     assert len(runs) == 2
+    # each start's end: preempted (marked, exit 75), then finished (exit 0)
+    exits = [[r["exit"].get("exit_code", 0) for r in rs if r["type"] == "exit"] for rs in runs]
+    assert exits == [[75], [0]]
+    assert [any(r["type"] == "preempting" for r in rs) for rs in runs] == [True, False]
     run_id = json.loads((out / RUN_IDS_FILE).read_text())["wandb"]
     history = {}
     for records in runs:
@@ -180,7 +184,9 @@ def test_mlflow_file_store_matches_the_csv(tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
     out = tmp_path / "run8"
-    _log(out, ["csv", "mlflow"], [1, 2, 3], run_name="first")
+    _log(out, ["csv", "mlflow"], [1, 2, 3], end="preempted", run_name="first")
+    run_id = json.loads((out / RUN_IDS_FILE).read_text())["mlflow"]
+    assert MlflowClient(mlflow_store).get_run(run_id).info.status == "KILLED"
     _log(out, ["csv", "mlflow"], [4], run_name="ignored on resume")
     rows = _csv(out)
     runs = mlflow_runs(mlflow_store)
@@ -196,16 +202,36 @@ def test_mlflow_file_store_matches_the_csv(tmp_path, mlflow_store):
     assert json.loads(Path(path).read_text()) == json.loads(json.dumps(CONFIG))
 
 
+@pytest.mark.parametrize("end,status", [("failed", "FAILED"), ("preempted", "KILLED")])
+def test_mlflow_records_how_the_run_ended(tmp_path, mlflow_store, end, status):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run9"
+    _log(out, ["mlflow"], [1], end=end)
+    run_id = json.loads((out / RUN_IDS_FILE).read_text())["mlflow"]
+    assert MlflowClient(mlflow_store).get_run(run_id).info.status == status
+
+
+def test_an_unknown_run_end_is_refused(tmp_path):
+    log = MetricsLogger(tmp_path, fields=FIELDS, report_to=["csv"], config=CONFIG)
+    with pytest.raises(
+        ValueError, match=r"end='crashed': valid \['finished', 'preempted', 'failed'\]"
+    ):
+        log.close("crashed")
+    log.close()
+
+
 _VERDICT = """
 import os, sys, torch.distributed as dist
 from loramoe_ds.config import load_run_config
 from loramoe_ds.plan import Plan
 from loramoe_ds.run import start_metrics
+from loramoe_ds.train_loop.trackers import TrackerStartError
 dist.init_process_group("gloo")
 run = load_run_config(None, ["output.dir=" + sys.argv[1], "output.report_to=[csv,mlflow]"])
 try:
     start_metrics(Plan(run, {}, 2, dist.get_rank(), 1, [1], None, None))
-except RuntimeError as e:
+except TrackerStartError as e:
     print("raised:", e)
 dist.destroy_process_group()
 """
