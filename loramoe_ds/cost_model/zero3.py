@@ -83,7 +83,8 @@ def _layer_backward(fwd: list[tuple], ckpt: bool, router_fetches: int, runs_bwd)
     # is unpacked: after the backward pre-hooks of the containers down to the layer's
     # last module and of the leaf producing its output (a plain linear, a replicated
     # bank; a sharded bank's output is the dispatcher's), before anything else; it
-    # stops at the last saved tensor, inside the last adapted linear, so the closing
+    # stops at the last saved tensor, inside the layer's last linear (its wrapper's
+    # dispatch after the router, a replicated bank, a plain linear), so the closing
     # post-hooks of the layer, its MLP and that linear do not run
     cut = 0
     while cut < len(out) and out[cut][0] == "F" and out[cut][2] is None:
@@ -93,6 +94,8 @@ def _layer_backward(fwd: list[tuple], ckpt: bool, router_fetches: int, runs_bwd)
     rec = list(fwd[1:])  # the layer's own pre-hook does not run again
     while rec and rec[-1][0] == "R" and rec[-1][2] is None:
         rec.pop()
+    if rec and rec[-1][0] == "R" and rec[-1][2].kind != "router":
+        rec.pop()  # it stops inside the last leaf (a bank, a plain linear), not after a router
     return out[:cut] + [("C" if k == "F" else "CR", p, m) for k, p, m in rec] + out[cut:]
 
 
