@@ -113,10 +113,14 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[Fetch | Release]:
     the same parameter). Backward: the wrapper, the causal LM, the LM head, the
     decoder, the final norm, each layer top-down in reverse (each router fetched
     once per output tensor with a gradient, ``w.router_outputs``; the attention's
-    post-hook never runs), the embedding (its post-hook never runs either: its
-    input, the token ids, needs no gradient). Activation checkpointing inserts
-    each layer's recompute (:func:`_layer_backward`). Banks of sharded layers are
-    not engine parameters: left out.
+    post-hook never runs), the embedding under activation checkpointing (its post-hook
+    never runs: its input, the token ids, needs no gradient). Activation
+    checkpointing inserts each layer's recompute (:func:`_layer_backward`) and
+    runs every base module's backward, the embedding's included (transformers
+    makes the embedding's output require grad then, ``enable_input_require_grads``);
+    without it a base module runs backward only with a trainable tensor upstream
+    (``ModuleShape.backward``). Banks of sharded layers are not engine
+    parameters: left out.
 
     Checked hook by hook against DeepSpeed's own (bench/plan_check.py
     ``PLAN_CHECK_HOOKS=1``): SmolLM2 and the tiny model with activation
