@@ -56,8 +56,15 @@ def _layer_forward(leaves: list[tuple[str, ModuleShape | None]]) -> list[tuple]:
     return ev
 
 
-def _layer_backward(fwd: list[tuple], ckpt: bool, router_fetches: int, runs_bwd) -> list[tuple]:
-    """One decoder layer's backward hooks, from its forward (:func:`zero3_trace`)."""
+def _layer_backward(
+    fwd: list[tuple], ckpt: bool, router_fetches: int, runs_bwd, input_grad
+) -> list[tuple]:
+    """One decoder layer's backward hooks, from its forward (:func:`zero3_trace`).
+
+    ``runs_bwd(m)``: whether a leaf's output needs a gradient (its pre-hook runs);
+    ``input_grad(m)``: whether its input does (its post-hook runs; a container's
+    when its first leaf's does).
+    """
     rev = [("F" if k == "R" else "R", p, m) for k, p, m in reversed(fwd)]
     # a module's backward hooks run only where a gradient flows: leaves that need
     # none are skipped, and containers left empty with them
@@ -69,10 +76,18 @@ def _layer_backward(fwd: list[tuple], ckpt: bool, router_fetches: int, runs_bwd)
     used = {c for _, p, m in keep if m is not None for c in _enclosing(p)}
     used |= {c[: -len("gate_proj")] + "act_fn" for c in used if c.endswith(".mlp.gate_proj")}
     keep = [e for e in keep if e[2] is not None or e[1] in used]
+    # a container's input is its first leaf's (in forward order)
+    first: dict[str, ModuleShape] = {}
+    for _, p, m in fwd:
+        for c in [p, *_enclosing(p)] if m is not None else ():
+            first.setdefault(c, m)
+    fed = {c for c, m in first.items() if input_grad(m)}
     out: list[tuple] = []
     for k, p, m in keep:
         if k == "R" and m is None and p.endswith(".self_attn"):
-            continue  # its post-backward hook never runs (its other inputs need no gradient)
+            continue  # its post-backward hook never runs (called with keyword arguments)
+        if k == "R" and p not in fed and not p.endswith("act_fn"):
+            continue  # no input of it needs a gradient: released at the end of backward
         if k == "F" and m is not None and m.kind == "router":
             out.extend([(k, p, m)] * router_fetches)
             continue
@@ -124,11 +139,10 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[Fetch | Release]:
 
     Checked hook by hook against DeepSpeed's own (bench/plan_check.py
     ``PLAN_CHECK_HOOKS=1``): SmolLM2 and the tiny model with activation
-    checkpointing (soft routing, sharded layers), and CI's mixed-placement top-k
-    case (tests/distributed/test_plan_check.py). Without checkpointing the
-    routers' place in backward is the reverse of forward, not checked (the aux
-    losses may reach them earlier); with an auxiliary loss on the wrapper holds
-    the routers through backward, so their gathers do not depend on it.
+    checkpointing, the tiny model without it (soft routing, sharded layers), and
+    CI's cases (tests/distributed/test_plan_check.py: soft with and without
+    checkpointing, mixed-placement top-k). Not checked: a model without an
+    auxiliary loss (the wrapper then holds no router).
     """
     ckpt = w.activation_checkpointing
     sharded = {i for i, p in enumerate(w.placements) if p == SHARDED and w.ep_size > 1}
@@ -139,6 +153,11 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[Fetch | Release]:
 
     def runs_bwd(m: ModuleShape) -> bool:
         return m.backward or (ckpt and m.kind == "base")
+
+    def input_grad(m: ModuleShape) -> bool:
+        if m.kind == "base":
+            return runs_bwd(m)
+        return ckpt or shapes.linears[m.linear].input_grad
 
     def path(i: int, m: ModuleShape) -> str:
         if m.name:
@@ -179,7 +198,7 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[Fetch | Release]:
         if runs_bwd(m):
             ev += [("B", p, m), ("RB", p, m)]
     for i in reversed(range(shapes.num_layers)):
-        for k, p, m in _layer_backward(fwd[i], ckpt, k_router, runs_bwd):
+        for k, p, m in _layer_backward(fwd[i], ckpt, k_router, runs_bwd, input_grad):
             ev.append({"F": ("B", p, m), "R": ("RB", p, m)}.get(k, (k, p, m)))
     if embed and (ckpt or embed[1].backward):
         ev.append(("B", embed[0], embed[1]))

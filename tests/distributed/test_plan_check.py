@@ -11,7 +11,8 @@ the recompute and in backward (DeepSpeed's release of a layer's recomputed
 weights after its last module's backward), gradient reduce-scatter, the clip's
 gathers, counts and rows all-to-alls, the small all-reduces. The soft case
 checks the recompute's early stop (the layer-ending linear's return rows are not
-exchanged again). The same runs log ZeRO-3's module hooks
+exchanged again); its twin without checkpointing the backward hooks of a first
+adapted layer whose input needs no gradient. The same runs log ZeRO-3's module hooks
 (``PLAN_CHECK_HOOKS=1``): the model's trace (``loramoe_ds/cost_model/zero3.py``)
 must be DeepSpeed's, hook by hook.
 """
@@ -54,15 +55,19 @@ def _model_hooks(config, overrides, ds, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("routing", [TOPK, SOFT], ids=["topk", "soft"])
+@pytest.mark.parametrize(
+    "routing",
+    [TOPK, SOFT, [*SOFT, "train.activation_checkpointing=false"]],
+    ids=["topk", "soft", "soft-no-ckpt"],
+)
 def test_counted_bytes_match_the_model_per_collective(tmp_path, routing, monkeypatch):
     monkeypatch.setenv("PLAN_CHECK_HOOKS", "1")  # rank records log ZeRO-3's module hooks
     ds = tmp_path / "ds.json"
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 1_000_000}
     ds.write_text(json.dumps({"zero_optimization": zero}))
-    overrides = ["data.max_length=96", "train.micro_batch_size=2", *routing,
+    overrides = ["data.max_length=96", "train.micro_batch_size=2",
                  "adapter.target_modules=[q_proj,v_proj,gate_proj,down_proj]",
-                 "train.activation_checkpointing=true"]  # fmt: skip
+                 "train.activation_checkpointing=true", *routing]  # fmt: skip
     res = plan_check.measure("tiny", "configs/tiny.yaml", overrides, 2, True, str(ds), 1,
                              tmp_path / "run")  # fmt: skip
     print("\n".join(plan_check.table_rows(res)))
