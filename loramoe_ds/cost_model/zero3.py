@@ -124,8 +124,8 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[Fetch | Release]:
     its forward reads when an auxiliary loss is on, ``w.aux_losses``), the causal
     LM, the decoder, the input embedding, the rotary embedding, each decoder layer
     (the layer, its attention, the MLP, each adapted linear's wrapper: base,
-    router, replicated bank), the final norm, the LM head (tied to the embedding:
-    the same parameter). Backward: the wrapper, the causal LM, the LM head, the
+    router, replicated bank), the final norm, the LM head (its weight the
+    embedding's when they are tied). Backward: the wrapper, the causal LM, the LM head, the
     decoder, the final norm, each layer top-down in reverse (each router fetched
     once per output tensor with a gradient, ``w.router_outputs``; the attention's
     post-hook never runs), the embedding under activation checkpointing (its post-hook
