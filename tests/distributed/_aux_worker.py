@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import _common as C
-import torch
 
 from loramoe_ds.parallel.aux_scope import DPGather
 from loramoe_ds.parallel.engine import MoETrainer
@@ -54,9 +53,7 @@ def main():
             "grads": got["grads"],
         }
         dist.barrier()
-    torch.save(results, out / f"result_rank{dist.get_rank()}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    C.finish(results, out)
 
 
 if __name__ == "__main__":

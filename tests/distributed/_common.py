@@ -218,3 +218,12 @@ def launch(world: int, scenario: str, args: dict, out: Path, timeout: float = 30
         logs = "\n".join((out / f"log_rank{r}.txt").read_text()[-3000:] for r in range(world))
         raise AssertionError(f"worker exit codes {codes}\n{logs}")
     return [torch.load(out / f"result_rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def finish(results: dict, out: Path) -> None:
+    """Write this rank's results where :func:`launch` reads them; leave the process group."""
+    import torch.distributed as dist
+
+    torch.save(results, out / f"result_rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import _common as C
-import torch
 import torch.distributed as dist
 
 from loramoe_ds.parallel.checkpoint import full_optimizer_state
@@ -78,9 +77,7 @@ def main():
     for case in args["cases"]:
         results[case["key"]] = {"P": _run(case, True), "R": _run(case, False)}
         dist.barrier()
-    torch.save(results, out / f"result_rank{dist.get_rank()}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    C.finish(results, out)
 
 
 if __name__ == "__main__":

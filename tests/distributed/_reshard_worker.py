@@ -114,7 +114,6 @@ def one_run(spec: dict, out: Path) -> dict:
 
 
 def main():
-    import torch.distributed as dist
 
     args, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     results = {}
@@ -125,9 +124,7 @@ def main():
             if not spec.get("expect_error"):
                 raise
             results[spec["key"]] = {"error": str(e)}
-    torch.save(results, out / f"result_rank{dist.get_rank()}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    C.finish(results, out)
 
 
 if __name__ == "__main__":
