@@ -57,6 +57,7 @@ from loramoe_ds.cost_model.workload import (
     LinearShape,
     ModelShapes,
     Workload,
+    input_needs_grad,
     pad,
     split_linears,
 )
@@ -110,10 +111,7 @@ def rows_bytes(lin: LinearShape, w: Workload, passes: int) -> float:
         skipped = P * T * lin.d_out * a if (fwd_passes > 1 and lin.ends_layer) else 0
         return passes * P * T * (lin.d_in + L + lin.d_out) * a - skipped
     fwd = T * w.top_k * (lin.d_in + lin.d_out) * a
-    # under checkpointing the embedding's output requires grad
-    # (transformers' ``enable_input_require_grads``): every input does
-    input_grad = lin.input_grad or fwd_passes > 1
-    bwd = T * w.top_k * (lin.d_out + (lin.d_in if input_grad else 0)) * a
+    bwd = T * w.top_k * (lin.d_out + (lin.d_in if input_needs_grad(lin, w) else 0)) * a
     return fwd_passes * fwd + bwd
 
 

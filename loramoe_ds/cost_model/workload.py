@@ -230,6 +230,14 @@ class Cost:
         return sum(v for k, v in self.memory.items() if k != skip)
 
 
+def input_needs_grad(lin: LinearShape, w: Workload) -> bool:
+    """Whether ``lin``'s input needs a gradient in this workload: a trainable tensor
+    upstream (:attr:`LinearShape.input_grad`), or activation checkpointing, under
+    which transformers makes the embedding's output require grad
+    (``enable_input_require_grads``), so every input does."""
+    return lin.input_grad or w.activation_checkpointing
+
+
 def split_linears(shapes: ModelShapes, w: Workload) -> tuple[list[LinearShape], list[LinearShape]]:
     """The adapted linears whose banks are EP shards under ``w``, and the rest (engine)."""
     P = w.ep_size

@@ -11,7 +11,7 @@ parameter coordinator) with the workload's ZeRO-3 settings.
 from __future__ import annotations
 
 from loramoe_ds.cost_model.coordinator import Fetch, Gathers, Release, coordinate
-from loramoe_ds.cost_model.workload import ModelShapes, ModuleShape, Workload
+from loramoe_ds.cost_model.workload import ModelShapes, ModuleShape, Workload, input_needs_grad
 from loramoe_ds.placement import SHARDED
 
 
@@ -157,7 +157,7 @@ def zero3_trace(shapes: ModelShapes, w: Workload) -> list[Fetch | Release]:
     def input_grad(m: ModuleShape) -> bool:
         if m.kind == "base":
             return runs_bwd(m)
-        return ckpt or shapes.linears[m.linear].input_grad
+        return input_needs_grad(shapes.linears[m.linear], w)
 
     def path(i: int, m: ModuleShape) -> str:
         if m.name:
